@@ -1,0 +1,47 @@
+// Helpers shared by the CPU binding files: argument checks that name the argument, the dtype
+// mapping, the N x C output allocation, and running a kernel over work units in parallel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "kernels.h"
+
+namespace softmax_ce::cpu {
+
+inline Dtype to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      return Dtype::f64;
+    case at::kFloat:
+      return Dtype::f32;
+    case at::kBFloat16:
+      return Dtype::bf16;
+    case at::kHalf:
+      return Dtype::f16;
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "softmax_ce: argument '", name,
+                                  "' must be float64, float32, bfloat16 or float16, got ",
+                                  t.scalar_type());
+  }
+}
+
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// [outer, C, inner] logits, on the CPU.
+void check_logits(const at::Tensor& logits, const char* name = "logits");
+
+// A fresh output of the logits' size. Large buffers are advised into transparent huge pages
+// (Linux, THP in madvise mode): first-touch page faults on 4 KB pages cost more than the
+// kernel's own traffic (DESIGN.md, Performance model).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Work units of a [outer, C, inner] kernel: rows when inner == 1, else blocks of lanes.
+int64_t work_units(int64_t outer, int64_t inner, int64_t lanes);
+
+// Runs fn over all units with at::parallel_for; raises torch's IndexError for a bad target.
+void run_ce(CeFn fn, const CeArgs& args, int64_t lanes);
+
+}  // namespace softmax_ce::cpu

@@ -1,0 +1,187 @@
+// CPU bindings of the cross-entropy ops (schemas in softmax_ce/ops.py): argument checks,
+// output allocation, and the parallel launch of the ISA kernels.
+#include <torch/library.h>
+
+#include "bindings.h"
+
+namespace softmax_ce::cpu {
+namespace {
+
+struct Prepared {
+  at::Tensor x, target, weight;
+  CeArgs args;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                 double z, double softcap, bool prob) {
+  check_logits(logits);
+  Prepared p;
+  const int64_t O = logits.size(0), C = logits.size(1), I = logits.size(2);
+  p.x = logits.contiguous();
+  if (prob) {
+    TORCH_CHECK(target.sizes() == logits.sizes(), "softmax_ce: argument 'target' (probabilities) ",
+                "must have the logits' shape ", logits.sizes(), ", got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == logits.scalar_type(), "softmax_ce: argument 'target' ",
+                "(probabilities) must have the logits' dtype ", logits.scalar_type(), ", got ",
+                target.scalar_type());
+  } else {
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == O && target.size(1) == I,
+                "softmax_ce: argument 'target' must be [outer, inner] = [", O, ", ", I,
+                "], got ", target.sizes());
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                "softmax_ce: argument 'target' must be int64 or int32, got ", target.scalar_type());
+  }
+  TORCH_CHECK(target.device().is_cpu(), "softmax_ce: argument 'target' must be on the CPU");
+  p.target = target.contiguous();
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  double w_sum = static_cast<double>(C);
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "softmax_ce: argument 'weight' must ",
+                "be [C] = [", C, "], got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == acc, "softmax_ce: argument 'weight' must be ", acc,
+                " (the accumulation dtype), got ", weight->scalar_type());
+    TORCH_CHECK(weight->device().is_cpu(), "softmax_ce: argument 'weight' must be on the CPU");
+    p.weight = weight->contiguous();
+    w_sum = p.weight.sum().item<double>();  // C values on the CPU: no device sync
+  }
+  CeArgs& a = p.args;
+  a.dtype = to_dtype(logits, "logits");
+  a.outer = O;
+  a.C = C;
+  a.inner = I;
+  a.x = p.x.data_ptr();
+  if (prob) {
+    a.prob = p.target.data_ptr();
+  } else {
+    a.target = p.target.data_ptr();
+    a.target_int32 = p.target.scalar_type() == at::kInt;
+  }
+  a.weight = p.weight.defined() ? p.weight.data_ptr() : nullptr;
+  a.w_sum = w_sum;
+  a.ignore_index = ignore_index;
+  a.eps = eps;
+  a.z = z;
+  a.softcap = softcap;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight,
+                                           int64_t ignore_index, double eps, double z,
+                                           double softcap, bool prob) {
+  Prepared p = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
+  const int64_t O = logits.size(0), I = logits.size(2);
+  at::Tensor loss = at::empty({O, I}, logits.options().dtype(acc_type(logits.scalar_type())));
+  at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
+  p.args.loss = loss.data_ptr();
+  p.args.lse_out = lse.data_ptr<double>();
+  const KernelTable& k = kernels();
+  run_ce(prob ? k.ce_prob_fwd : k.ce_fwd, p.args, k.block_lanes(p.args.dtype));
+  return {loss, lse};
+}
+
+// out: undefined for a fresh gradient, else the (contiguous) tensor to write into.
+at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                    const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                    const at::Tensor& lse, int64_t ignore_index, double eps, double z,
+                    double softcap, bool prob, at::Tensor out) {
+  Prepared p = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
+  const int64_t O = logits.size(0), I = logits.size(2);
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == O && grad_loss.size(1) == I,
+              "softmax_ce: argument 'grad_loss' must be [", O, ", ", I, "], got ",
+              grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == O && lse.size(1) == I &&
+                  lse.scalar_type() == at::kDouble,
+              "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "]");
+  const at::Tensor g = grad_loss.to(acc);  // keeps strides (e.g. 0 for a broadcast mean)
+  const at::Tensor lse_c = lse.contiguous();
+  if (!out.defined()) out = empty_output(p.x.sizes(), p.x.options());
+  CeArgs& a = p.args;
+  a.out = out.data_ptr();
+  a.grad = g.data_ptr();
+  a.grad_stride_outer = g.stride(0);
+  a.grad_stride_inner = g.stride(1);
+  a.lse_in = lse_c.data_ptr<double>();
+  const KernelTable& k = kernels();
+  run_ce(prob ? k.ce_prob_bwd : k.ce_bwd, a, k.block_lanes(a.dtype));
+  return out;
+}
+
+// Every class index valid, checked before an in-place backward writes anything.
+void check_all_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const at::Tensor t = target.contiguous().to(at::kLong);
+  const int64_t* v = t.data_ptr<int64_t>();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+    TORCH_CHECK_INDEX(v[i] == ignore_index || (v[i] >= 0 && v[i] < C), "Target ", v[i],
+                      " is out of bounds: argument 'target' must hold class indices in [0, ", C,
+                      ") or ignore_index (", ignore_index, ").");
+  }
+}
+
+void backward_inplace(const at::Tensor& grad_loss, const at::Tensor& logits,
+                      const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& lse, int64_t ignore_index, double eps, double z,
+                      double softcap, bool prob) {
+  check_logits(logits);
+  if (!prob) check_all_targets(target, logits.size(1), ignore_index);
+  if (logits.is_contiguous()) {
+    backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, logits);
+  } else {
+    logits.copy_(backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap,
+                          prob, at::Tensor()));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                          const std::optional<at::Tensor>& weight,
+                                          int64_t ignore_index, double eps, double z,
+                                          double softcap) {
+  return forward(logits, target, weight, ignore_index, eps, z, softcap, false);
+}
+
+at::Tensor ce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                  int64_t ignore_index, double eps, double z, double softcap) {
+  return backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false,
+                  at::Tensor());
+}
+
+void ce_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+             double eps, double z, double softcap) {
+  backward_inplace(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight,
+                                               double eps, double z, double softcap) {
+  return forward(logits, target, weight, -100, eps, z, softcap, true);
+}
+
+at::Tensor ce_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
+                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                       const at::Tensor& lse, double eps, double z, double softcap) {
+  return backward(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true,
+                  at::Tensor());
+}
+
+void ce_prob_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, double eps,
+                  double z, double softcap) {
+  backward_inplace(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
+  m.impl("ce_fwd", &ce_fwd);
+  m.impl("ce_bwd", &ce_bwd);
+  m.impl("ce_bwd_", &ce_bwd_);
+  m.impl("ce_prob_fwd", &ce_prob_fwd);
+  m.impl("ce_prob_bwd", &ce_prob_bwd);
+  m.impl("ce_prob_bwd_", &ce_prob_bwd_);
+}
+
+}  // namespace softmax_ce::cpu

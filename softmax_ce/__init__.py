@@ -1,0 +1,77 @@
+"""softmax_ce: softmax and cross-entropy as one fused operation with a hand-written gradient.
+
+    loss = lse(x) - x_y,   dloss/dx = softmax(x) - onehot(y)
+
+Drop-in for ``torch.nn.functional.cross_entropy`` / ``nn.CrossEntropyLoss`` (plus z-loss,
+logit soft-capping and opt-in in-place gradients), ``binary_cross_entropy_with_logits``,
+``softmax`` and ``log_softmax``. Compiled CPU/CUDA kernels serve the ops where the extension is
+built; a pure-PyTorch reference serves everything else (see ``implementation()``).
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+# The extension must load before the Python op definitions refer to its kernels' namespace; it
+# registers CPU/CUDA kernels only (TORCH_LIBRARY_IMPL), the schemas live in ops.py.
+extension_error = None
+if os.environ.get("SOFTMAX_CE_DISABLE_EXTENSION", "0") not in ("", "0"):
+    _C = None
+    extension_error = "disabled by SOFTMAX_CE_DISABLE_EXTENSION"
+else:
+    try:
+        import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+        from . import _C
+    except ImportError as error:  # not built: the reference serves every device
+        _C = None
+        extension_error = str(error)
+
+from . import nn, ops  # noqa: E402
+from .autograd import (  # noqa: E402
+    LogSoftmaxFunction,
+    SigmoidCrossEntropyFunction,
+    SoftmaxCrossEntropyFunction,
+    SoftmaxFunction,
+)
+from .functional import (  # noqa: E402
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    log_softmax,
+    softmax,
+)
+from .ops import force_reference, implementation  # noqa: E402
+
+
+def build_info() -> dict:
+    """What the extension was built with and which implementation serves each device."""
+    info = {
+        "version": __version__,
+        "extension": _C is not None,
+        "extension_error": extension_error,
+        "cpu": implementation("cpu"),
+        "cuda": implementation("cuda"),
+    }
+    if _C is not None:
+        info["cpu_isa"] = _C.cpu_isa()
+        info["cuda_compiled"] = _C.cuda_compiled()
+    return info
+
+
+__all__ = [
+    "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "softmax",
+    "log_softmax",
+    "nn",
+    "ops",
+    "implementation",
+    "force_reference",
+    "build_info",
+    "SoftmaxFunction",
+    "LogSoftmaxFunction",
+    "SoftmaxCrossEntropyFunction",
+    "SigmoidCrossEntropyFunction",
+]

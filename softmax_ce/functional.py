@@ -1,0 +1,377 @@
+"""torch-compatible functions: argument handling, validation and reductions.
+
+Signatures are torch's own (positional order and deprecated ``size_average`` / ``reduce``
+included) plus keyword-only extensions. Validation looks only at shapes, dtypes and Python
+values, never at tensor data, so ``torch.compile(fullgraph=True)`` traces every function without a
+graph break; out-of-range class indices are caught inside the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .autograd import (
+    LogSoftmaxFunction,
+    SigmoidCrossEntropyFunction,
+    SoftmaxCrossEntropyFunction,
+    SoftmaxFunction,
+)
+from .reference import acc_dtype
+
+__all__ = ["cross_entropy", "softmax", "log_softmax", "binary_cross_entropy_with_logits"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _reduction(size_average, reduce, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        # torch's legacy mapping, with its deprecation warning.
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def _check_floating(tensor: Tensor, name: str, fn: str) -> None:
+    if not tensor.is_floating_point():
+        raise NotImplementedError(
+            f"{fn}: argument '{name}' must be a floating point tensor (float64, float32, "
+            f"bfloat16 or float16), got {tensor.dtype}"
+        )
+
+
+def _check_no_grad(tensor: Optional[Tensor], name: str, fn: str) -> None:
+    if tensor is not None and tensor.requires_grad:
+        raise RuntimeError(
+            f"The function '{fn}' is not differentiable with respect to argument '{name}'. "
+            "This input cannot have requires_grad True."
+        )
+
+
+def _check_device(tensor: Optional[Tensor], name: str, input: Tensor, fn: str) -> None:
+    if tensor is not None and tensor.device != input.device:
+        raise RuntimeError(
+            f"{fn}: argument '{name}' is on {tensor.device} but 'input' is on {input.device}"
+        )
+
+
+def _autocast_to_float32(input: Tensor) -> bool:
+    """Whether autocast is on for the input's device (loss functions then run in float32)."""
+    return input.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(input.device.type)
+
+
+def _check_extensions(label_smoothing, z_loss, softcap, fn) -> float:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(
+            f"{fn}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
+        )
+    if not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < math.inf):
+        raise ValueError(f"{fn}: z_loss must be a finite float >= 0, got {z_loss}")
+    if softcap is None:
+        return 0.0
+    if not isinstance(softcap, (int, float)) or not (0.0 < softcap < math.inf):
+        raise ValueError(f"{fn}: softcap must be None or a finite float > 0, got {softcap}")
+    return float(softcap)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n = n * s
+    return n
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
+
+    Same arguments and semantics as torch (class-index or probability targets, ``weight``,
+    ``ignore_index``, reductions, ``label_smoothing``, K-dim and unbatched inputs), computed in
+    float32 (float64 for float64 input) with the hand-written gradient ``softmax - target``.
+
+    Keyword-only extensions:
+      z_loss: adds ``z_loss * lse**2`` per (non-ignored) position, lse = logsumexp of the
+        logits; part of the returned loss.
+      softcap: replaces logits x by ``softcap * tanh(x / softcap)`` before everything else.
+      inplace_backward: the backward writes the gradient into the logits' storage (no second
+        N x C buffer). The logits' contents are destroyed by backward and their version counter
+        is bumped, so any other autograd use of them raises. Ignored under ``torch.compile``
+        and with ``create_graph=True`` (falls back to a fresh gradient).
+    """
+    fn = "cross_entropy"
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_floating(input, "input", fn)
+    if input.dim() == 0:
+        raise RuntimeError(
+            f"{fn}: argument 'input' must have at least 1 dimension (the class dimension), "
+            "got a 0-dim tensor"
+        )
+    cap = _check_extensions(label_smoothing, z_loss, softcap, fn)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
+
+    C = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    outer = input.shape[0] if input.dim() >= 2 else 1
+    spatial = tuple(input.shape[2:])
+    inner = _numel(spatial)
+    prob = tuple(input.shape) == tuple(target.shape)
+    autocast = _autocast_to_float32(input)
+
+    if weight is not None:
+        _check_device(weight, "weight", input, fn)
+        if weight.dim() != 1 or weight.shape[0] != C:
+            raise RuntimeError(
+                f"{fn}: weight tensor should be defined either for all {C} classes or no "
+                f"classes but got weight tensor of shape: {list(weight.shape)}"
+            )
+    _check_device(target, "target", input, fn)
+
+    if prob:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"{fn}: Expected floating point type for target with class probabilities, "
+                f"got {_dtype_name(target.dtype)} (argument 'target')"
+            )
+        if ignore_index >= 0:
+            raise RuntimeError(
+                f"{fn}: ignore_index is not supported for floating point target "
+                f"(got ignore_index={ignore_index})"
+            )
+        if weight is not None and weight.requires_grad:
+            raise RuntimeError(
+                f"{fn}: argument 'weight' requires grad; softmax_ce does not differentiate "
+                "with respect to class weights"
+            )
+        # torch multiplies log-probabilities, target and weight: the result dtype promotes.
+        dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
+        if autocast:
+            dtypes = [torch.float32 if d in _AUTOCAST_ELIGIBLE else d for d in dtypes]
+        out_dtype = dtypes[0]
+        for d in dtypes[1:]:
+            out_dtype = torch.promote_types(out_dtype, d)
+        x = input if input.dtype == out_dtype else input.to(out_dtype)
+        t = target if target.dtype == out_dtype else target.to(out_dtype)
+        w = weight.to(acc_dtype(x.dtype)) if weight is not None else None
+        x3 = x.reshape(outer, C, inner)
+        t3 = t.reshape(outer, C, inner)
+        loss, _ = SoftmaxCrossEntropyFunction.apply(
+            x3, t3, w, -100, float(label_smoothing), float(z_loss), cap, inplace
+        )
+        if reduction == "none":
+            shape = (outer,) + spatial if input.dim() >= 2 else ()
+            return loss.reshape(shape).to(out_dtype)
+        total = loss.sum()
+        if reduction == "mean":
+            total = total / (outer * inner)
+        return total.to(out_dtype)
+
+    # class-index targets
+    if target.dtype not in _INDEX_DTYPES:
+        raise RuntimeError(
+            f"{fn}: expected argument 'target' to hold class indices (int64, int32 or uint8) "
+            f"or class probabilities (floating point, same shape as input), but got dtype "
+            f"{target.dtype} and shape {list(target.shape)} for input of shape "
+            f"{list(input.shape)}"
+        )
+    _check_target_shape(input, target, fn)
+    _check_no_grad(weight, "weight", fn)
+    out_dtype = torch.float32 if autocast else input.dtype
+    if weight is not None:
+        expected = out_dtype if autocast else input.dtype
+        wdtype = torch.float32 if autocast and weight.dtype in _AUTOCAST_ELIGIBLE else weight.dtype
+        if wdtype != expected:
+            raise RuntimeError(
+                f"{fn}: expected scalar type {_dtype_name(expected)} but found "
+                f"{_dtype_name(weight.dtype)} (argument 'weight' must have the dtype of 'input')"
+            )
+    w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
+    t = target.to(torch.int32) if target.dtype == torch.uint8 else target
+    x3 = input.reshape(outer, C, inner)
+    t2 = t.reshape(outer, inner)
+    loss, _ = SoftmaxCrossEntropyFunction.apply(
+        x3, t2, w, ignore_index, float(label_smoothing), float(z_loss), cap, inplace
+    )
+    if reduction == "none":
+        return loss.reshape(target.shape).to(out_dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        valid = t2 != ignore_index
+        if w is None or C == 0:
+            denom = valid.sum()
+        else:
+            safe = torch.where(valid, t2, torch.zeros_like(t2)).long()
+            denom = torch.where(valid, w[safe], torch.zeros_like(loss)).sum()
+        total = total / denom
+    return total.to(out_dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {
+        torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+        torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
+        torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    }
+    return names.get(dtype, str(dtype))
+
+
+def _check_target_shape(input: Tensor, target: Tensor, fn: str) -> None:
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise RuntimeError(
+                f"{fn}: 0D or 1D target tensor expected, multi-target not supported "
+                f"(argument 'target' has shape {list(target.shape)})"
+            )
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(
+                f"Expected input batch_size (1) to match target batch_size ({target.shape[0]})."
+            )
+        return
+    if target.dim() == 0:
+        raise RuntimeError(
+            f"{fn}: 0D target is only allowed for an unbatched (1-D) input; argument 'target' "
+            f"must have shape {[input.shape[0]] + list(input.shape[2:])}"
+        )
+    if input.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0]})."
+        )
+    if input.dim() == 2:
+        if target.dim() != 1:
+            raise RuntimeError(
+                f"{fn}: 0D or 1D target tensor expected, multi-target not supported "
+                f"(argument 'target' has shape {list(target.shape)})"
+            )
+        return
+    expected = [input.shape[0]] + list(input.shape[2:])
+    if list(target.shape) != expected:
+        raise RuntimeError(
+            f"{fn}: Expected target size {expected}, got {list(target.shape)} (argument 'target')"
+        )
+
+
+def _softmax_dim(ndim: int, stacklevel: int, name: str) -> int:
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax_common(function, name, input, dim, stacklevel, dtype):
+    if dim is None:
+        dim = _softmax_dim(input.dim(), stacklevel + 1, name)
+    if dtype is not None:
+        input = input.to(dtype)
+    _check_floating(input, "input", name)
+    if input.dim() == 0:
+        if dim not in (0, -1):
+            raise IndexError(
+                f"Dimension out of range (expected to be in range of [-1, 0], but got {dim})"
+            )
+        return function.apply(input.reshape(1, 1, 1)).reshape(())
+    ndim = input.dim()
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
+            f"but got {dim})"
+        )
+    dim = dim % ndim
+    shape = tuple(input.shape)
+    x3 = input.reshape(_numel(shape[:dim]), shape[dim], _numel(shape[dim + 1:]))
+    return function.apply(x3).reshape(shape)
+
+
+def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None) -> Tensor:
+    """softmax(x)_c = exp(x_c - logsumexp(x)); a drop-in for ``torch.nn.functional.softmax``
+    with a hand-written gradient (y * (g - <g, y>))."""
+    return _softmax_common(SoftmaxFunction, "softmax", input, dim, _stacklevel, dtype)
+
+
+def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[torch.dtype] = None) -> Tensor:
+    """log_softmax(x)_c = x_c - logsumexp(x); a drop-in for ``torch.nn.functional.log_softmax``
+    with a hand-written gradient (g - exp(y) * sum(g))."""
+    return _softmax_common(LogSoftmaxFunction, "log_softmax", input, dim, _stacklevel, dtype)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Sigmoid + binary cross-entropy; a drop-in for
+    ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    loss = w * [(1 - y) x + (1 + (pos_weight - 1) y) log(1 + exp(-x))], gradient
+    w * [(pos_weight y + 1 - y) sigmoid(x) - pos_weight y] (sigmoid(x) - y without weights).
+    """
+    fn = "binary_cross_entropy_with_logits"
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_floating(input, "input", fn)
+    if target.shape != input.shape:
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})"
+        )
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"{fn}: argument 'target' must be a floating point tensor, got {target.dtype}"
+        )
+    _check_device(target, "target", input, fn)
+    for name, extra in (("weight", weight), ("pos_weight", pos_weight)):
+        if extra is None:
+            continue
+        _check_no_grad(extra, name, fn)
+        _check_device(extra, name, input, fn)
+        try:
+            shape = torch.broadcast_shapes(extra.shape, input.shape)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{fn}: argument '{name}' of shape {list(extra.shape)} does not broadcast to "
+                f"the input's shape {list(input.shape)}: {error}"
+            ) from None
+        if tuple(shape) != tuple(input.shape):
+            raise RuntimeError(
+                f"{fn}: argument '{name}' of shape {list(extra.shape)} broadcasts to "
+                f"{list(shape)}, larger than the input's shape {list(input.shape)}"
+            )
+    # torch computes this loss in the target's dtype ((1 - target) * input, in place).
+    common = target.dtype
+    if _autocast_to_float32(input) and common in _AUTOCAST_ELIGIBLE:
+        common = torch.float32
+    x = input if input.dtype == common else input.to(common)
+    t = target if target.dtype == common else target.to(common)
+    w = weight.to(common) if weight is not None else None
+    pw = pos_weight.to(common) if pos_weight is not None else None
+    loss = SigmoidCrossEntropyFunction.apply(x, t, w, pw)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean()

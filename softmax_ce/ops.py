@@ -1,0 +1,215 @@
+"""The op layer: one schema per kernel in the ``softmax_ce`` namespace.
+
+Each op is defined once, here. Its default implementation (``CompositeExplicitAutograd``) is the
+pure-PyTorch reference in ``reference.py``; the compiled extension (``softmax_ce._C``) registers
+``CPU`` / ``CUDA`` kernels for the same schemas with ``TORCH_LIBRARY_IMPL``, so the dispatcher picks
+a compiled kernel where one exists and the reference everywhere else. Fake (meta)
+implementations make the ops traceable by ``torch.compile`` and ``torch.export``.
+
+The ops are not differentiable by themselves: ``autograd.py`` wraps them in
+``torch.autograd.Function`` s with hand-written gradients.
+
+Shapes follow DESIGN.md's kernel contracts: logits ``[outer, C, inner]``; per-position loss and
+grad_loss ``[outer, inner]`` in the accumulation dtype (float64 for float64 logits, else
+float32); the saved ``lse`` ``[outer, inner]`` is float64 for every dtype (see reference.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+from . import reference
+
+_lib = torch.library.Library("softmax_ce", "DEF")
+
+_CE_ARGS = "int ignore_index, float label_smoothing, float z_loss, float softcap"
+_PROB_ARGS = "float label_smoothing, float z_loss, float softcap"
+
+SCHEMAS = {
+    "ce_fwd": f"ce_fwd(Tensor logits, Tensor target, Tensor? weight, {_CE_ARGS}) -> (Tensor, Tensor)",
+    "ce_bwd": (
+        "ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+        f"{_CE_ARGS}) -> Tensor"
+    ),
+    "ce_bwd_": (
+        "ce_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, "
+        f"{_CE_ARGS}) -> ()"
+    ),
+    "ce_prob_fwd": (
+        f"ce_prob_fwd(Tensor logits, Tensor target, Tensor? weight, {_PROB_ARGS}) -> (Tensor, Tensor)"
+    ),
+    "ce_prob_bwd": (
+        "ce_prob_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+        f"{_PROB_ARGS}) -> Tensor"
+    ),
+    "ce_prob_bwd_": (
+        "ce_prob_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
+        f"Tensor lse, {_PROB_ARGS}) -> ()"
+    ),
+    "softmax_fwd": "softmax_fwd(Tensor x, bool log) -> Tensor",
+    "softmax_bwd": "softmax_bwd(Tensor grad_y, Tensor y, bool log) -> Tensor",
+    "sigmoid_ce_fwd": (
+        "sigmoid_ce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight) -> Tensor"
+    ),
+    "sigmoid_ce_bwd": (
+        "sigmoid_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+        "Tensor? pos_weight) -> Tensor"
+    ),
+}
+
+def _non_differentiable(fn):
+    """The ops are kernels, not differentiable functions (autograd.py differentiates them); the
+    reference must not record an autograd graph of its internal torch ops."""
+
+    def kernel(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    kernel.__name__ = fn.__name__
+    return kernel
+
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _non_differentiable(getattr(reference, _name)), "CompositeExplicitAutograd")
+
+
+# --------------------------------------------------------------------------------------------
+# Fake implementations: shapes and dtypes only, never data.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_3d(logits, name="logits"):
+    torch._check(logits.dim() == 3, lambda: f"{name} must be [outer, C, inner], got {logits.dim()}-D")
+
+
+def _per_position(logits, dtype=None):
+    return logits.new_empty(
+        (logits.shape[0], logits.shape[2]), dtype=dtype or reference.acc_dtype(logits.dtype)
+    )
+
+
+@torch.library.register_fake("softmax_ce::ce_fwd")
+def _ce_fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    _check_3d(logits)
+    torch._check(target.shape == (logits.shape[0], logits.shape[2]), lambda: "target shape")
+    return _per_position(logits), _per_position(logits, torch.float64)
+
+
+@torch.library.register_fake("softmax_ce::ce_bwd")
+def _ce_bwd_fake(grad_loss, logits, target, weight, lse, *args):
+    _check_3d(logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("softmax_ce::ce_bwd_")
+def _ce_bwd_inplace_fake(grad_loss, logits, target, weight, lse, *args):
+    _check_3d(logits)
+
+
+@torch.library.register_fake("softmax_ce::ce_prob_fwd")
+def _ce_prob_fwd_fake(logits, target, weight, label_smoothing, z_loss, softcap):
+    _check_3d(logits)
+    torch._check(target.shape == logits.shape, lambda: "target shape")
+    return _per_position(logits), _per_position(logits, torch.float64)
+
+
+@torch.library.register_fake("softmax_ce::ce_prob_bwd")
+def _ce_prob_bwd_fake(grad_loss, logits, target, weight, lse, *args):
+    _check_3d(logits)
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("softmax_ce::ce_prob_bwd_")
+def _ce_prob_bwd_inplace_fake(grad_loss, logits, target, weight, lse, *args):
+    _check_3d(logits)
+
+
+@torch.library.register_fake("softmax_ce::softmax_fwd")
+def _softmax_fwd_fake(x, log):
+    _check_3d(x, "x")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("softmax_ce::softmax_bwd")
+def _softmax_bwd_fake(grad_y, y, log):
+    _check_3d(y, "y")
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("softmax_ce::sigmoid_ce_fwd")
+def _sigmoid_ce_fwd_fake(logits, target, weight, pos_weight):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("softmax_ce::sigmoid_ce_bwd")
+def _sigmoid_ce_bwd_fake(grad_loss, logits, target, weight, pos_weight):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------------
+# Which implementation serves a device, and a switch that forces the reference (for tests and
+# the benchmark; eager mode only).
+# --------------------------------------------------------------------------------------------
+
+_state = threading.local()
+
+
+def reference_forced() -> bool:
+    return getattr(_state, "force_reference", False)
+
+
+@contextlib.contextmanager
+def force_reference(enabled: bool = True):
+    """Within this context (and thread) every op runs the pure-PyTorch reference, even where a
+    compiled kernel is registered. Meant for tests and benchmarks in eager mode."""
+    previous = reference_forced()
+    _state.force_reference = enabled
+    try:
+        yield
+    finally:
+        _state.force_reference = previous
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def implementation(device="cpu") -> str:
+    """'compiled' when the extension registered a kernel for this device type, else 'reference'."""
+    device_type = torch.device(device).type
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return "reference"
+    names = [f"softmax_ce::{name}" for name in SCHEMAS]
+    if all(torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for n in names):
+        return "compiled"
+    return "reference"
+
+
+def _make_caller(name):
+    op = getattr(torch.ops.softmax_ce, name).default
+    ref = getattr(reference, name)
+
+    def call(*args):
+        if not torch.compiler.is_compiling() and reference_forced():
+            return ref(*args)
+        return op(*args)
+
+    call.__name__ = name
+    call.__doc__ = f"Call softmax_ce::{name} (the reference under force_reference())."
+    return call
+
+
+ce_fwd = _make_caller("ce_fwd")
+ce_bwd = _make_caller("ce_bwd")
+ce_bwd_ = _make_caller("ce_bwd_")
+ce_prob_fwd = _make_caller("ce_prob_fwd")
+ce_prob_bwd = _make_caller("ce_prob_bwd")
+ce_prob_bwd_ = _make_caller("ce_prob_bwd_")
+softmax_fwd = _make_caller("softmax_fwd")
+softmax_bwd = _make_caller("softmax_bwd")
+sigmoid_ce_fwd = _make_caller("sigmoid_ce_fwd")
+sigmoid_ce_bwd = _make_caller("sigmoid_ce_bwd")

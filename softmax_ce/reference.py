@@ -1,0 +1,240 @@
+"""Pure-PyTorch kernels with exactly the ops' contracts.
+
+They are registered as the default (``CompositeExplicitAutograd``) implementation of every
+``softmax_ce::*`` op, so they serve any device without a compiled kernel, and they are the oracle
+the tests hold the compiled kernels to.
+
+Contracts (see ``ops.py`` for the schemas):
+
+* logits are ``[outer, C, inner]`` (the class dimension in the middle), any strides;
+* class-index targets are ``[outer, inner]`` int32/int64, probability targets ``[outer, C, inner]``
+  in the logits' dtype;
+* ``weight`` is ``[C]`` in the accumulation dtype (float64 for float64 logits, else float32);
+* per-position loss and grad_loss are ``[outer, inner]`` in the accumulation dtype; ``lse`` is
+  ``[outer, inner]`` float64 for every input dtype, so that the backward can form
+  ``x - lse`` exactly even where ``|x|`` is large (a float32 lse at |x| ~ 3e4 is off by ~2e-3,
+  which would be the relative error of every probability);
+* ``softcap == 0`` means no soft-capping; ``x -> softcap * tanh(x / softcap)`` otherwise.
+
+All arithmetic happens in the accumulation dtype; the gradient is rounded to the logits' dtype
+once, at the end.
+
+Non-finite rows: ``lse`` is NaN when the row maximum is not finite (a row of ``-inf``, a ``+inf`` or
+a NaN logit), as torch's ``log_softmax`` is. Ignored positions have loss 0 whatever their logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype all arithmetic is done in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _capped(logits: Tensor, softcap: float) -> Tensor:
+    x = logits.to(acc_dtype(logits.dtype))
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    return x
+
+
+def _capped_derivative(logits: Tensor, softcap: float) -> Optional[Tensor]:
+    """d(softcap * tanh(x / softcap)) / dx = 1 - tanh(x / softcap)^2, or None without capping."""
+    if softcap <= 0:
+        return None
+    th = torch.tanh(logits.to(acc_dtype(logits.dtype)) / softcap)
+    return 1 - th * th
+
+
+def _row_stats(x: Tensor):
+    """Row maximum m and log(sum(exp(x - m))) over dim 1, kept apart so that x - lse is formed
+    as (x - m) - log_s without cancellation. m is NaN where it is not finite (a row of -inf, a
+    +inf or a NaN logit), which makes everything derived from it NaN, as in torch."""
+    if x.shape[1] == 0:
+        nan = x.new_full((x.shape[0], 1, x.shape[2]), float("nan"))
+        return nan, nan
+    m = x.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.full_like(m, float("nan")))
+    log_s = torch.log(torch.exp(x - m).sum(dim=1, keepdim=True))
+    return m, log_s
+
+
+def _lse64(m: Tensor, log_s: Tensor) -> Tensor:
+    return (m.double() + log_s.double()).squeeze(1)
+
+
+def _probs(x: Tensor, lse: Tensor) -> Tensor:
+    """softmax from the saved float64 lse, in x's dtype."""
+    return torch.exp(x.double() - lse.unsqueeze(1)).to(x.dtype)
+
+
+def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise IndexError for a class index outside [0, C) that is not ignore_index (host sync)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise IndexError(
+            f"Target {value} is out of bounds: argument 'target' must hold class indices in "
+            f"[0, {num_classes}) or ignore_index ({ignore_index})."
+        )
+
+
+def _class_terms(target, weight, ignore_index, num_classes, dtype):
+    """valid mask, safe class index, and w_y (weight of the target class, 1 without weight)."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    if weight is None:
+        w_y = torch.ones(target.shape, dtype=dtype, device=target.device)
+    else:
+        w_y = weight[safe]
+    return valid, safe, w_y
+
+
+def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    C = logits.shape[1]
+    check_targets(target, C, ignore_index)
+    x = _capped(logits, softcap)
+    m, log_s = _row_stats(x)
+    nlp = (m - x) + log_s  # -log_softmax, without cancellation
+    valid, safe, w_y = _class_terms(target, weight, ignore_index, C, x.dtype)
+    loss = (1 - label_smoothing) * w_y * nlp.gather(1, safe.unsqueeze(1)).squeeze(1)
+    if label_smoothing > 0:
+        w = weight.view(1, C, 1) if weight is not None else 1.0
+        loss = loss + (label_smoothing / C) * (w * nlp).sum(dim=1)
+    lse = _lse64(m, log_s)
+    if z_loss > 0:
+        loss = loss + z_loss * (lse * lse).to(x.dtype)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, lse
+
+
+def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+    """dloss/dx_c = g * [(A + 2 z lse) p_c - (eps/C) w_c - (1 - eps) w_y [c = y]] * cap'(x_c)."""
+    C = logits.shape[1]
+    check_targets(target, C, ignore_index)
+    x = _capped(logits, softcap)
+    p = _probs(x, lse)
+    valid, safe, w_y = _class_terms(target, weight, ignore_index, C, x.dtype)
+    g = grad_loss.to(x.dtype)
+    zero = torch.zeros_like(g)
+    w_sum = weight.sum() if weight is not None else float(C)
+    a = (1 - label_smoothing) * w_y + (label_smoothing / C) * w_sum + 2 * z_loss * lse.to(x.dtype)
+    coef = torch.where(valid, g * a, zero)
+    grad = coef.unsqueeze(1) * p
+    if label_smoothing > 0:
+        w = weight.view(1, C, 1) if weight is not None else 1.0
+        grad = grad - (label_smoothing / C) * torch.where(valid, g, zero).unsqueeze(1) * w
+    true_class = torch.where(valid, g * (1 - label_smoothing) * w_y, zero)
+    grad = grad.scatter_add(1, safe.unsqueeze(1), -true_class.unsqueeze(1))
+    d = _capped_derivative(logits, softcap)
+    if d is not None:
+        grad = grad * d
+    return grad.to(logits.dtype).contiguous()
+
+
+def ce_bwd_(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+    logits.copy_(
+        ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap)
+    )
+
+
+def _smoothed(target, weight, label_smoothing, C):
+    acc = acc_dtype(target.dtype)
+    t = target.to(acc)
+    if label_smoothing > 0:
+        t = t * (1 - label_smoothing) + label_smoothing / C
+    if weight is not None:
+        t = t * weight.view(1, C, 1)
+    return t
+
+
+def ce_prob_fwd(logits, target, weight, label_smoothing, z_loss, softcap):
+    C = logits.shape[1]
+    x = _capped(logits, softcap)
+    m, log_s = _row_stats(x)
+    wt = _smoothed(target, weight, label_smoothing, C)
+    loss = (wt * ((m - x) + log_s)).sum(dim=1)
+    lse = _lse64(m, log_s)
+    if z_loss > 0:
+        loss = loss + z_loss * (lse * lse).to(x.dtype)
+    return loss, lse
+
+
+def ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap):
+    """dloss/dx_c = g * [(S + 2 z lse) p_c - w_c t~_c] * cap'(x_c), S = sum_c w_c t~_c."""
+    C = logits.shape[1]
+    x = _capped(logits, softcap)
+    p = _probs(x, lse)
+    wt = _smoothed(target, weight, label_smoothing, C)
+    g = grad_loss.to(x.dtype).unsqueeze(1)
+    a = wt.sum(dim=1) + 2 * z_loss * lse.to(x.dtype)
+    grad = g * (a.unsqueeze(1) * p - wt)
+    d = _capped_derivative(logits, softcap)
+    if d is not None:
+        grad = grad * d
+    return grad.to(logits.dtype).contiguous()
+
+
+def ce_prob_bwd_(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap):
+    logits.copy_(ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap))
+
+
+def softmax_fwd(x, log):
+    xa = x.to(acc_dtype(x.dtype))
+    m, log_s = _row_stats(xa)
+    y = (xa - m) - log_s
+    return (y if log else torch.exp(y)).to(x.dtype).contiguous()
+
+
+def softmax_bwd(grad_y, y, log):
+    """softmax: y * (g - <g, y>); log_softmax: g - exp(y) * sum(g)."""
+    acc = acc_dtype(y.dtype)
+    g = grad_y.to(acc)
+    ya = y.to(acc)
+    if log:
+        gx = g - torch.exp(ya) * g.sum(dim=1, keepdim=True)
+    else:
+        gx = ya * (g - (g * ya).sum(dim=1, keepdim=True))
+    return gx.to(y.dtype).contiguous()
+
+
+def _softplus_neg(x):
+    """log(1 + exp(-x)), overflow-free."""
+    return torch.log1p(torch.exp(-x.abs())) + torch.clamp(-x, min=0)
+
+
+def sigmoid_ce_fwd(logits, target, weight, pos_weight):
+    """w * [(1 - y) x + (1 + (pw - 1) y) log(1 + exp(-x))], torch's formula."""
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    y = target.to(acc)
+    if pos_weight is not None:
+        lw = 1 + (pos_weight.to(acc) - 1) * y
+        loss = (1 - y) * x + lw * _softplus_neg(x)
+    else:
+        loss = (1 - y) * x + _softplus_neg(x)
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    return loss.to(logits.dtype).expand(logits.shape).contiguous()
+
+
+def sigmoid_ce_bwd(grad_loss, logits, target, weight, pos_weight):
+    """g * w * [(pw y + 1 - y) sigmoid(x) - pw y]  (pw = 1: g * w * (sigmoid(x) - y))."""
+    acc = acc_dtype(logits.dtype)
+    x = logits.to(acc)
+    y = target.to(acc)
+    s = torch.sigmoid(x)
+    if pos_weight is not None:
+        pwy = pos_weight.to(acc) * y
+        grad = (pwy + 1 - y) * s - pwy
+    else:
+        grad = s - y
+    grad = grad * grad_loss.to(acc)
+    if weight is not None:
+        grad = grad * weight.to(acc)
+    return grad.to(logits.dtype).expand(logits.shape).contiguous()

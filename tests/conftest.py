@@ -1,0 +1,40 @@
+"""Shared fixtures: which implementation (compiled kernels or the reference) and which device."""
+
+import os
+
+import pytest
+import torch
+
+import softmax_ce
+from softmax_ce import ops
+
+REQUIRE_EXTENSION = os.environ.get("SOFTMAX_CE_REQUIRE_EXTENSION", "0") not in ("", "0")
+DEVICES = ["cpu", "cuda"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (run with -m slow)")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def impl(request, device):
+    """Runs the test with the compiled kernels, then with the pure-PyTorch reference."""
+    if request.param == "compiled" and ops.implementation(device) != "compiled":
+        message = f"no compiled kernels for {device}: {softmax_ce.extension_error}"
+        if REQUIRE_EXTENSION and device == "cpu":
+            pytest.fail(message)
+        pytest.skip(message)
+    with ops.force_reference(request.param == "reference"):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

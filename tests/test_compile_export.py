@@ -1,0 +1,166 @@
+"""opcheck on every op, torch.compile(fullgraph=True, dynamic=True) without graph breaks, and
+torch.export. These exercise whatever implementation the dispatcher serves (the compiled kernels
+when built; CI also runs this file with SOFTMAX_CE_DISABLE_EXTENSION=1 for the reference)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce
+from softmax_ce import nn as scnn
+
+
+def _ce_samples(device):
+    out = []
+    for shape, requires_grad in (((4, 7, 1), False), ((3, 5, 4), True), ((0, 5, 1), False),
+                                 ((2, 6, 3), True)):
+        O, C, I = shape
+        x = torch.randn(shape, device=device, requires_grad=requires_grad)
+        t = torch.randint(0, C, (O, I), device=device)
+        if O:
+            t[0, 0] = -100
+        out.append((x, t, None))
+        out.append((x, t.int(), torch.rand(C, device=device)))
+    # non-contiguous logits (a transposed view)
+    base = torch.randn(5, 6, device=device)
+    out.append((base.t().unsqueeze(-1), torch.randint(0, 5, (6, 1), device=device), None))
+    out.append((torch.randn(3, 4, 2, device=device, dtype=torch.bfloat16),
+                torch.randint(0, 4, (3, 2), device=device), None))
+    return out
+
+
+def _opcheck(op, args):
+    result = torch.library.opcheck(op, args)
+    failures = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not failures, failures
+
+
+def test_opcheck_cross_entropy_ops(device):
+    ops = torch.ops.softmax_ce
+    for x, t, w in _ce_samples(device):
+        for ls, z, cap in ((0.0, 0.0, 0.0), (0.1, 1e-3, 5.0)):
+            _opcheck(ops.ce_fwd.default, (x, t, w, -100, ls, z, cap))
+            loss, lse = ops.ce_fwd(x.detach(), t, w, -100, ls, z, cap)
+            g = torch.randn_like(loss)
+            _opcheck(ops.ce_bwd.default, (g, x, t, w, lse, -100, ls, z, cap))
+            _opcheck(ops.ce_bwd_.default, (g, x.detach().clone(), t, w, lse, -100, ls, z, cap))
+            p = torch.softmax(torch.randn(x.shape, device=device), 1).to(x.dtype)
+            _opcheck(ops.ce_prob_fwd.default, (x, p, w, ls, z, cap))
+            loss, lse = ops.ce_prob_fwd(x.detach(), p, w, ls, z, cap)
+            _opcheck(ops.ce_prob_bwd.default, (g, x, p, w, lse, ls, z, cap))
+            _opcheck(ops.ce_prob_bwd_.default, (g, x.detach().clone(), p, w, lse, ls, z, cap))
+
+
+def test_opcheck_softmax_and_sigmoid_ops(device):
+    ops = torch.ops.softmax_ce
+    for x, _, _ in _ce_samples(device):
+        for log in (False, True):
+            _opcheck(ops.softmax_fwd.default, (x, log))
+            y = ops.softmax_fwd(x.detach(), log)
+            _opcheck(ops.softmax_bwd.default, (torch.randn_like(y), y, log))
+        y = torch.rand(x.shape, device=device, dtype=x.dtype)
+        w = torch.rand(x.shape[-1:], device=device, dtype=x.dtype)
+        for weight, pos_weight in ((None, None), (w, None), (None, w), (w, w)):
+            _opcheck(ops.sigmoid_ce_fwd.default, (x, y, weight, pos_weight))
+            g = torch.randn(x.shape, device=device, dtype=x.dtype)
+            _opcheck(ops.sigmoid_ce_bwd.default, (g, x, y, weight, pos_weight))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, loss, features=8, classes=6):
+        super().__init__()
+        self.proj = torch.nn.Linear(features, classes)
+        self.loss = loss
+
+    def forward(self, h, target):
+        return self.loss(self.proj(h), target)
+
+
+LOSSES = {
+    "ce": lambda: scnn.CrossEntropyLoss(),
+    "ce_options": lambda: scnn.CrossEntropyLoss(
+        weight=torch.rand(6) + 0.5, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, ignore_index=2
+    ),
+    "ce_sum": lambda: scnn.CrossEntropyLoss(reduction="sum"),
+    "ce_inplace": lambda: scnn.CrossEntropyLoss(inplace_backward=True),
+    "ce_prob": lambda: scnn.CrossEntropyLoss(label_smoothing=0.05),
+    "bce": lambda: scnn.BCEWithLogitsLoss(pos_weight=torch.rand(6) + 0.5),
+    "log_softmax_nll": lambda: _Composed(scnn.LogSoftmax(dim=1), F.nll_loss),
+    "softmax_mse": lambda: _Composed(scnn.Softmax(dim=1), lambda p, t: (p - F.one_hot(t, 6)).pow(2).mean()),
+}
+
+
+class _Composed(torch.nn.Module):
+    def __init__(self, module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, x, t):
+        return self.fn(self.module(x), t)
+
+
+def _target(name, n, device):
+    if name == "ce_prob":
+        return torch.softmax(torch.randn(n, 6, device=device), 1)
+    if name == "bce":
+        return torch.rand(n, 6, device=device)
+    return torch.randint(0, 6, (n,), device=device)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_compile_fullgraph_dynamic(device, name):
+    torch._dynamo.reset()
+    model = _Model(LOSSES[name]()).to(device)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for n in (4, 7, 9):
+        h = torch.randn(n, 8, device=device)
+        t = _target(name, n, device)
+        eager_loss = model(h, t)
+        eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+        comp_loss = compiled(h, t)
+        comp_grads = torch.autograd.grad(comp_loss, list(model.parameters()))
+        torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(comp_grads, eager_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce", "ce_options", "bce", "log_softmax_nll"])
+def test_no_graph_break(device, name):
+    torch._dynamo.reset()
+    model = _Model(LOSSES[name]()).to(device)
+
+    h = torch.randn(5, 8, device=device)
+    explanation = torch._dynamo.explain(model)(h, _target(name, 5, device))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compile_kdim_and_softmax_functions(device):
+    torch._dynamo.reset()
+
+    def fn(x, t):
+        return (softmax_ce.cross_entropy(x, t, label_smoothing=0.1)
+                + softmax_ce.softmax(x, 1).sum() + softmax_ce.log_softmax(x, -1).mean())
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for n in (2, 3):
+        x = torch.randn(n, 5, 4, 3, device=device, requires_grad=True)
+        t = torch.randint(0, 5, (n, 4, 3), device=device)
+        eager = fn(x, t)
+        (g_eager,) = torch.autograd.grad(eager, x)
+        comp = compiled(x, t)
+        (g_comp,) = torch.autograd.grad(comp, x)
+        torch.testing.assert_close(comp, eager)
+        torch.testing.assert_close(g_comp, g_eager)
+
+
+@pytest.mark.parametrize("name", ["ce", "ce_options", "ce_prob", "bce", "log_softmax_nll"])
+def test_export(device, name):
+    model = _Model(LOSSES[name]()).to(device)
+    h = torch.randn(5, 8, device=device)
+    t = _target(name, 5, device)
+    exported = torch.export.export(model, (h, t))
+    assert any("softmax_ce" in str(node.target) for node in exported.graph.nodes)
+    h2 = torch.randn(5, 8, device=device)
+    t2 = _target(name, 5, device)
+    torch.testing.assert_close(exported.module()(h2, t2), model(h2, t2))
