@@ -48,8 +48,8 @@ def extensions():
         return [], {}
 
     debug = flag("SOFTMAX_CE_DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    cxx += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare", "-Wno-unknown-pragmas", "-Wno-psabi"]
     sources = sorted(glob.glob("csrc/module.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 

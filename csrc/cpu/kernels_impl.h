@@ -104,10 +104,29 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
 
 // exp for arguments in [-inf, ~0]: the fast polynomial version for float (exp(-inf) = 0),
 // the accurate one for double (gradcheck runs in double).
+// On AVX-512: exp(x) = 2^n * 2^f with n = round(x log2 e), f in [-1/2, 1/2], 2^f by its degree-6
+// Taylor polynomial (relative error < 1.3e-7) and the scaling by vscalefps, which also handles
+// underflow (x = -inf is clamped to 2^-150 * p = 0). Fewer instructions than exp_u20, which
+// matters because the forward and backward are compute-bound at ~1 exp per element.
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 t = _mm512_max_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                   _mm512_set1_ps(-150.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.540353039338161e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355814642844e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return Vectorized<float>(_mm512_scalef_ps(p, n));
+#else
     return v.exp_u20();
+#endif
   } else {
     return v.exp();
   }
@@ -262,6 +281,9 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
     j = 0;
     for (; j + 2 * L <= n; j += 2 * L) {
       V a, b, ca, cb;
+      // pass B computes from L1; fetch the next chunk meanwhile so memory never idles
+      __builtin_prefetch(xc + n + j);
+      __builtin_prefetch(xc + n + j + L);
       if constexpr (kBuf) {
         a = V::loadu(buf + j);
         b = V::loadu(buf + j + L);
@@ -356,12 +378,103 @@ Status ce_fwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
 }
 
 // inner > 1: a unit is a block of up to 2L consecutive inner positions of one outer index; the
-// lanes of each vector are those positions, the loop runs over classes (stride inner).
+// lanes of each vector are those positions and the loop runs over classes (stride inner). With
+// a power-of-two stride the lines of one block all fall into the same cache sets, so a second
+// pass over memory would miss: classes are processed in chunks copied (as acc_t, capped) into an
+// L1 buffer, with an online maximum across chunks, exactly like row_stats. Per lane:
+//   M, S = sum exp(x' - M), D = sum a_c (M - x'_c), A = sum a_c, and (kPick) the capped logit of
+// the lane's target class, picked by a masked select (class indices compared as acc_t).
+template <typename acc_t>
+struct BlockStats {
+  Vectorized<acc_t> M[2], S[2], D[2], A[2], XY[2];
+};
+
+template <typename T, bool kCap, int kDot, bool kW, bool kPick>
+inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type* w, int64_t C,
+                        int64_t inner, int64_t n, const Cap<typename AccOf<T>::type>& cap,
+                        typename AccOf<T>::type eps1, typename AccOf<T>::type eps_c,
+                        const Vectorized<typename AccOf<T>::type>* ylane,
+                        BlockStats<typename AccOf<T>::type>& st) {
+  using acc_t = typename AccOf<T>::type;
+  using V = Vectorized<acc_t>;
+  using io = IO<T>;
+  constexpr int64_t L = io::L, B = 2 * L;
+  constexpr int64_t kElems = 4096;
+  constexpr int64_t KC = kElems / B;  // classes per chunk
+  alignas(64) acc_t buf[kElems];
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const V zero(acc_t(0)), v_eps1(eps1), v_epsc(eps_c);
+  for (int h = 0; h < 2; ++h) {
+    st.M[h] = V(ninf);
+    st.S[h] = st.D[h] = st.A[h] = st.XY[h] = zero;
+  }
+  V ref[2] = {zero, zero};
+  for (int64_t c0 = 0; c0 < C; c0 += KC) {
+    const int64_t kc = std::min(KC, C - c0);
+    V cm[2] = {V(ninf), V(ninf)};
+    for (int64_t k = 0; k < kc; ++k) {  // pass A: strided loads into the buffer, chunk maximum
+      V v[2];
+      const T* src = xb + (c0 + k) * inner;
+      // the next blocks of this class: one stream per class is more than the hardware
+      // prefetchers follow when the classes are many strided streams
+      __builtin_prefetch(src + 4 * B);
+      __builtin_prefetch(src + 4 * B + L);
+      if (n == B) {
+        io::load(src, v[0], v[1]);
+      } else {
+        io::load_n(src, n, v[0], v[1]);
+      }
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kCap) v[h] = vcap(v[h], cap.s, cap.inv_s);
+        v[h].store(buf + k * B + h * L);
+        cm[h] = at::vec::maximum(cm[h], v[h]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {  // new running maximum and reference (0 while not finite)
+      const V mn = at::vec::maximum(st.M[h], cm[h]);
+      const V rn = V::blendv(zero, mn, (mn - mn) == zero);
+      const V ro = V::blendv(rn, st.M[h], (st.M[h] - st.M[h]) == zero);
+      st.S[h] = st.S[h] * vexp(ro - rn);
+      if constexpr (kDot != 0) st.D[h] = at::vec::fmadd(st.A[h], rn - ro, st.D[h]);
+      st.M[h] = mn;
+      ref[h] = rn;
+    }
+    for (int64_t k = 0; k < kc; ++k) {  // pass B: from the buffer
+      const acc_t c = static_cast<acc_t>(c0 + k);
+      V t[2];
+      if constexpr (kDot == 2) {
+        const T* src = tb + (c0 + k) * inner;
+        if (n == B) {
+          io::load(src, t[0], t[1]);
+        } else {
+          io::load_n(src, n, t[0], t[1]);
+        }
+      }
+      const V wc(kW ? w[c0 + k] : acc_t(1));
+      for (int h = 0; h < 2; ++h) {
+        const V v = V::loadu(buf + k * B + h * L);
+        st.S[h] += vexp(v - ref[h]);
+        if constexpr (kPick) st.XY[h] = V::blendv(st.XY[h], v, ylane[h] == V(c));
+        if constexpr (kDot != 0) {
+          V coef = wc;
+          if constexpr (kDot == 2) coef = coef * at::vec::fmadd(t[h], v_eps1, v_epsc);
+          st.D[h] = at::vec::fmadd(coef, ref[h] - v, st.D[h]);
+          st.A[h] += coef;
+        }
+      }
+    }
+  }
+  // lanes whose maximum is not finite: M = NaN (their lse is NaN)
+  const V nanv(std::numeric_limits<acc_t>::quiet_NaN());
+  for (int h = 0; h < 2; ++h) st.M[h] = V::blendv(nanv, st.M[h], (st.M[h] - st.M[h]) == zero);
+}
+
 template <typename T, bool kCap, int kDot, bool kW>
 Status ce_fwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
   using io = IO<T>;
+  using accio = IO<acc_t>;
   constexpr int64_t L = io::L, B = 2 * L;
   const T* x = static_cast<const T*>(a.x);
   const T* prob = static_cast<const T*>(a.prob);
@@ -371,87 +484,63 @@ Status ce_fwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   const Cap<acc_t> cap(a.softcap);
   const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
   const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const V v_eps1(1 - eps), v_epsc(eps_c);
-  alignas(64) acc_t Ms[B], Ss[B], Ds[B], As[B];
+  const V zero(acc_t(0));
+  // class indices compared as acc_t are exact below 2^24 for float; beyond, gather the logit
+  const bool vec_pick = std::is_same_v<acc_t, double> || C <= (int64_t(1) << 24);
+  alignas(64) acc_t Ms[B], Ls[B], YF[B], WY[B], XY[B];
+  BlockStats<acc_t> st;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
-    const int64_t base = o * C * inner + i0;
-    auto load = [&](const T* p, V& va, V& vb) {
-      if (n == B) {
-        io::load(p, va, vb);
-      } else {
-        io::load_n(p, n, va, vb);
+    const int64_t base = o * C * inner + i0, pos0 = o * inner + i0;
+    if constexpr (kDot != 2) {  // targets: range check, lane class (-1 if ignored), w_y
+      for (int64_t j = 0; j < B; ++j) {
+        YF[j] = -1;
+        WY[j] = 0;
       }
-    };
-    V ma(ninf), mb(ninf);
-    for (int64_t c = 0; c < C; ++c) {
-      V va, vb;
-      load(x + base + c * inner, va, vb);
-      if constexpr (kCap) {
-        va = vcap(va, cap.s, cap.inv_s);
-        vb = vcap(vb, cap.s, cap.inv_s);
-      }
-      ma = at::vec::maximum(ma, va);
-      mb = at::vec::maximum(mb, vb);
-    }
-    // lanes whose maximum is not finite end up NaN below; use 0 there to keep the sums tame
-    ma.store(Ms);
-    mb.store(Ms + L);
-    alignas(64) acc_t ref[B];
-    for (int64_t j = 0; j < B; ++j) ref[j] = finite_max(Ms[j]) ? Ms[j] : acc_t(0);
-    const V ra = V::loadu(ref), rb = V::loadu(ref + L);
-    V sa(0), sb(0), da(0), db(0), aa(0), ab(0);
-    for (int64_t c = 0; c < C; ++c) {
-      V va, vb;
-      load(x + base + c * inner, va, vb);
-      if constexpr (kCap) {
-        va = vcap(va, cap.s, cap.inv_s);
-        vb = vcap(vb, cap.s, cap.inv_s);
-      }
-      sa += vexp(va - ra);
-      sb += vexp(vb - rb);
-      if constexpr (kDot != 0) {
-        V ca(kW ? w[c] : acc_t(1)), cb = ca;
-        if constexpr (kDot == 2) {
-          V ta, tb;
-          load(prob + base + c * inner, ta, tb);
-          ca = ca * at::vec::fmadd(ta, v_eps1, v_epsc);
-          cb = cb * at::vec::fmadd(tb, v_eps1, v_epsc);
-        }
-        da = at::vec::fmadd(ca, ra - va, da);
-        db = at::vec::fmadd(cb, rb - vb, db);
-        aa += ca;
-        ab += cb;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t y = load_target(a, pos0 + j);
+        if (y == a.ignore_index) continue;
+        if (y < 0 || y >= C) return {true, y};
+        YF[j] = static_cast<acc_t>(y);
+        WY[j] = kW ? w[y] : acc_t(1);
+        if (!vec_pick) XY[j] = cap.value(to_acc(x[base + y * inner + j]));
       }
     }
-    sa.store(Ss);
-    sb.store(Ss + L);
-    da.store(Ds);
-    db.store(Ds + L);
-    aa.store(As);
-    ab.store(As + L);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = o * inner + i0 + j;
-      const acc_t M = finite_max(Ms[j]) ? Ms[j] : std::numeric_limits<acc_t>::quiet_NaN();
-      const acc_t log_s = std::log(Ss[j]);
-      const double lse = lse_from_stats(M, log_s);
-      a.lse_out[pos] = lse;
+    const V ylane[2] = {V::loadu(YF), V::loadu(YF + L)};
+    if (kDot != 2 && vec_pick) {
+      block_stats<T, kCap, kDot, kW, true>(x + base, nullptr, w, C, inner, n, cap, 1 - eps,
+                                           eps_c, ylane, st);
+    } else {
+      block_stats<T, kCap, kDot, kW, false>(x + base, kDot == 2 ? prob + base : nullptr, w, C,
+                                            inner, n, cap, 1 - eps, eps_c, ylane, st);
+      if (kDot != 2) {
+        st.XY[0] = V::loadu(XY);
+        st.XY[1] = V::loadu(XY + L);
+      }
+    }
+    // loss per lane, in vectors (formulas in row_math.h)
+    V lo[2];
+    for (int h = 0; h < 2; ++h) {
+      const V ls = st.S[h].log();
+      V l;
       if constexpr (kDot == 2) {
-        loss[pos] = ce_prob_loss(M, log_s, As[j], Ds[j], z, lse);
+        l = st.A[h] * ls + st.D[h];
       } else {
-        const int64_t y = load_target(a, pos);
-        const bool valid = y != a.ignore_index;
-        if (valid && (y < 0 || y >= C)) return {true, y};
-        if (!valid) {
-          loss[pos] = 0;
-          continue;
-        }
-        const acc_t x_y = cap.value(to_acc(x[base + y * inner + j]));
-        const acc_t w_y = kW ? w[y] : acc_t(1);
-        loss[pos] = ce_index_loss(M, log_s, x_y, w_y, Ds[j], w_sum, eps, eps_c, z, lse);
+        l = V(1 - eps) * V::loadu(WY + h * L) * ((st.M[h] - st.XY[h]) + ls);
+        if constexpr (kDot == 1) l = l + V(eps_c) * at::vec::fmadd(V(w_sum), ls, st.D[h]);
       }
+      if (z > 0) {
+        const V lse = st.M[h] + ls;
+        l = at::vec::fmadd(V(z) * lse, lse, l);
+      }
+      l = l + (st.M[h] - st.M[h]);  // NaN lanes (lse NaN) stay NaN whatever the weights
+      if constexpr (kDot != 2) l = V::blendv(zero, l, ylane[h] >= zero);  // ignored: exactly 0
+      lo[h] = l;
+      st.M[h].store(Ms + h * L);
+      ls.store(Ls + h * L);
     }
+    accio::store_n(loss + pos0, n, lo[0], lo[1]);
+    for (int64_t j = 0; j < n; ++j) a.lse_out[pos0 + j] = lse_from_stats(Ms[j], Ls[j]);
   }
   return {};
 }
@@ -613,7 +702,11 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
       }
     }
   }
-  alignas(64) acc_t K[B], HI[B], LO[B], G[B], BS[B], NANS[B];
+  // The true class enters as a masked term inside the class loop (lanes whose target is c),
+  // so the whole gradient is formed in acc_t and rounded once. Class indices are compared as
+  // acc_t, exact below 2^24 for float; beyond that a scalar fix-up after the loop is used.
+  const bool vec_true = std::is_same_v<acc_t, double> || C <= (int64_t(1) << 24);
+  alignas(64) acc_t K[B], HI[B], LO[B], G[B], BS[B], NANS[B], YF[B], TC[B];
   double LSE[B];
   int64_t Y[B];
   acc_t XY[B];
@@ -622,7 +715,8 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
     const int64_t base = o * C * inner + i0;
     bool any_nan = false;
     for (int64_t j = 0; j < B; ++j) {
-      K[j] = HI[j] = LO[j] = G[j] = BS[j] = NANS[j] = 0;
+      K[j] = HI[j] = LO[j] = G[j] = BS[j] = NANS[j] = TC[j] = 0;
+      YF[j] = -1;
       Y[j] = -1;
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -642,11 +736,13 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         const int64_t y = load_target(a, pos);
         if (y == a.ignore_index) continue;  // k = b = 0: a zero gradient
         Y[j] = y;
-        XY[j] = to_acc(x[base + y * inner + j]);
+        YF[j] = static_cast<acc_t>(y);
+        if (!vec_true) XY[j] = to_acc(x[base + y * inner + j]);
         const acc_t w_y = kW ? w[y] : acc_t(1);
         K[j] = ce_prob_scale(g, ce_index_a(w_y, w_sum, eps, eps_c), z, lse);
         BS[j] = g * eps_c;
         G[j] = g;
+        TC[j] = g * (1 - eps) * w_y;
       }
     }
     auto load = [&](const T* p, V& va, V& vb) {
@@ -677,9 +773,17 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
     const V ka = V::loadu(K), kb = V::loadu(K + L), ha = V::loadu(HI), hb = V::loadu(HI + L);
     const V la = V::loadu(LO), lb = V::loadu(LO + L), bsa = V::loadu(BS), bsb = V::loadu(BS + L);
     const V ga_ = V::loadu(G), gb_ = V::loadu(G + L), na = V::loadu(NANS), nb = V::loadu(NANS + L);
+    const V ya = V::loadu(YF), yb = V::loadu(YF + L), tca = V::loadu(TC), tcb = V::loadu(TC + L);
+    const V zero(acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
       V xa, xb, da(acc_t(1)), db(acc_t(1));
-      load(x + base + c * inner, xa, xb);
+      const T* src = x + base + c * inner;
+      T* dst = out + base + c * inner;
+      __builtin_prefetch(src + 4 * B);  // see block_stats
+      __builtin_prefetch(src + 4 * B + L);
+      __builtin_prefetch(dst + 4 * B, 1);
+      __builtin_prefetch(dst + 4 * B + L, 1);
+      load(src, xa, xb);
       if constexpr (kCap) {
         xa = vcap_d(xa, cap.s, cap.inv_s, da);
         xb = vcap_d(xb, cap.s, cap.inv_s, db);
@@ -697,6 +801,13 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         gra = gra - bsa * wc;
         grb = grb - bsb * wc;
       }
+      if constexpr (kDot != 2) {
+        if (vec_true) {
+          const V vc(static_cast<acc_t>(c));
+          gra = gra - V::blendv(zero, tca, ya == vc);
+          grb = grb - V::blendv(zero, tcb, yb == vc);
+        }
+      }
       if constexpr (kCap) {
         gra = gra * da;
         grb = grb * db;
@@ -705,7 +816,6 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         gra = gra + na;
         grb = grb + nb;
       }
-      T* dst = out + base + c * inner;
       if (n == B) {
         io::store(dst, gra, grb);
       } else {
@@ -713,7 +823,7 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
       }
     }
     if constexpr (kDot != 2) {
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = 0; j < n && !vec_true; ++j) {
         if (Y[j] < 0) continue;
         const int64_t y = Y[j];
         acc_t d_y;
@@ -835,46 +945,25 @@ void softmax_fwd_t(const SoftmaxArgs& a, int64_t begin, int64_t end) {
     return;
   }
   const int64_t nblk = (inner + B - 1) / B;
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  BlockStats<acc_t> st;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
     const int64_t base = o * C * inner + i0;
-    auto load = [&](const T* p, V& va, V& vb) {
-      if (n == B) {
-        io::load(p, va, vb);
-      } else {
-        io::load_n(p, n, va, vb);
-      }
-    };
-    V ma(ninf), mb(ninf);
+    block_stats<T, false, 0, false, false>(x + base, nullptr, nullptr, C, inner, n, nocap, 1, 0,
+                                           nullptr, st);
+    const V lsa = st.S[0].log(), lsb = st.S[1].log();
     for (int64_t c = 0; c < C; ++c) {
       V va, vb;
-      load(x + base + c * inner, va, vb);
-      ma = at::vec::maximum(ma, va);
-      mb = at::vec::maximum(mb, vb);
-    }
-    alignas(64) acc_t Ms[B];
-    ma.store(Ms);
-    mb.store(Ms + L);
-    for (int64_t j = 0; j < B; ++j) Ms[j] = finite_max(Ms[j]) ? Ms[j] : nan;
-    ma = V::loadu(Ms);
-    mb = V::loadu(Ms + L);
-    V sa(0), sb(0);
-    for (int64_t c = 0; c < C; ++c) {
-      V va, vb;
-      load(x + base + c * inner, va, vb);
-      sa += vexp(va - ma);
-      sb += vexp(vb - mb);
-    }
-    const V lsa = sa.log(), lsb = sb.log();
-    for (int64_t c = 0; c < C; ++c) {
-      V va, vb;
-      load(x + base + c * inner, va, vb);
+      const T* src = x + base + c * inner;
       T* dst = out + base + c * inner;
+      __builtin_prefetch(src + 4 * B);
+      __builtin_prefetch(src + 4 * B + L);
       if (n == B) {
-        io::store(dst, finish(va, ma, lsa), finish(vb, mb, lsb));
+        io::load(src, va, vb);
+        io::store(dst, finish(va, st.M[0], lsa), finish(vb, st.M[1], lsb));
       } else {
-        io::store_n(dst, n, finish(va, ma, lsa), finish(vb, mb, lsb));
+        io::load_n(src, n, va, vb);
+        io::store_n(dst, n, finish(va, st.M[0], lsa), finish(vb, st.M[1], lsb));
       }
     }
   }

@@ -1,0 +1,499 @@
+"""The benchmark and self-check: ``python -m softmax_ce bench``.
+
+For each case (a shape and dtype) it times every available implementation of cross-entropy --
+softmax_ce (compiled kernels, and with ``inplace_backward=True``), the softmax_ce reference,
+``F.cross_entropy`` eager and ``torch.compile(F.cross_entropy)`` -- forward and forward+backward,
+as the median of repeated, interleaved runs after warm-up; checks that they agree with eager torch;
+measures the extra peak memory of one forward+backward beyond the logits; and compares each time
+with the memory-traffic floor: bytes moved (forward: read the logits once; forward+backward: read
+once, write the gradient once) divided by the copy bandwidth measured in the same run.
+softmax and log_softmax (forward+backward) are compared with torch's own on the same shapes.
+
+Progress goes to stderr; the table (or ``--json``) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import softmax_ce
+from softmax_ce import ops
+
+# name, shape, dtype: shapes a user recognises (LLM vocabularies, classification, segmentation)
+DEFAULT_CASES = [
+    ("llm-32k", (4096, 32000), "float32"),
+    ("llm-32k", (4096, 32000), "bfloat16"),
+    ("llama3-vocab", (4096, 128256), "bfloat16"),
+    ("classify-10", (65536, 10), "float32"),
+    ("imagenet-1k", (32768, 1000), "float32"),
+    ("segment-21", (16, 21, 128, 128), "float32"),
+]
+QUICK_CASES = [
+    ("llm-32k-small", (512, 32000), "float32"),
+    ("llm-32k-small", (512, 32000), "bfloat16"),
+    ("classify-10", (16384, 10), "float32"),
+    ("segment-21", (4, 21, 64, 64), "float32"),
+]
+GPU_CASES = [
+    ("llm-32k", (8192, 32000), "float32"),
+    ("llama3-vocab", (4096, 128256), "bfloat16"),
+    ("llm-32k", (8192, 32000), "bfloat16"),
+    ("imagenet-1k", (32768, 1000), "float32"),
+    ("segment-21", (16, 21, 128, 128), "float32"),
+]
+SOFTMAX_SHAPES = {"(4096, 32000)", "(32768, 1000)", "(16, 21, 128, 128)", "(512, 32000)",
+                  "(4, 21, 64, 64)", "(8192, 32000)"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Record:
+    case: str
+    shape: List[int]
+    dtype: str
+    device: str
+    op: str
+    impl: str
+    fwd_ms: Optional[float] = None
+    fwdbwd_ms: Optional[float] = None
+    vs_eager: Optional[float] = None
+    vs_compile: Optional[float] = None
+    floor_fwd_ms: Optional[float] = None
+    floor_fwdbwd_ms: Optional[float] = None
+    fwdbwd_over_floor: Optional[float] = None
+    gbps_fwdbwd: Optional[float] = None
+    extra_peak_bytes: Optional[int] = None
+    extra_peak_over_logits: Optional[float] = None
+    max_err: Optional[float] = None
+    agrees: Optional[bool] = None
+    notes: List[str] = field(default_factory=list)
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def copy_bandwidth(nbytes: int, device: str, timer: Timer) -> float:
+    """Device copy bandwidth in bytes/s (bytes read + bytes written), buffers already touched."""
+    n = max(1, min(nbytes, 1 << 30) // 4)
+    src = torch.ones(n, device=device)
+    dst = torch.zeros(n, device=device)
+    times = [timer(lambda: dst.copy_(src)) for _ in range(7)]
+    del src, dst
+    return 2 * n * 4 / (statistics.median(times[2:]) / 1e3)
+
+
+# ----------------------------------------------------------------------------------------------
+# peak memory of one forward+backward beyond the logits
+# ----------------------------------------------------------------------------------------------
+
+
+def _rss_kb(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def extra_peak_bytes(step: Callable[[], None], device: str) -> Optional[int]:
+    """Extra peak memory of one call of step (which leaves nothing allocated behind). On the CPU:
+    the peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set
+    before the call. On CUDA: torch.cuda.max_memory_allocated above the allocation before it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_kb("VmRSS")
+    if base is None or not _reset_peak_rss():
+        return None
+    step()
+    peak = _rss_kb("VmHWM")
+    return None if peak is None else max(0, (peak - base) * 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# implementations
+# ----------------------------------------------------------------------------------------------
+
+
+def make_impls(device: str, compile_baseline: bool) -> Dict[str, Callable]:
+    impls: Dict[str, Callable] = {}
+    if ops.implementation(device) == "compiled":
+        impls["softmax_ce"] = lambda x, t: softmax_ce.cross_entropy(x, t)
+        impls["softmax_ce inplace"] = lambda x, t: softmax_ce.cross_entropy(
+            x, t, inplace_backward=True)
+
+    def reference(x, t):
+        with ops.force_reference():
+            return softmax_ce.cross_entropy(x, t)
+
+    impls["softmax_ce reference"] = reference
+    impls["torch eager"] = F.cross_entropy
+    if compile_baseline:
+        impls["torch.compile"] = torch.compile(F.cross_entropy)
+    return impls
+
+
+def _fwd_step(fn, x, t):
+    def step():
+        with torch.no_grad():
+            fn(x, t)
+    return step
+
+
+def _fwdbwd_step(fn, x, t):
+    def step():
+        loss = fn(x, t)
+        loss.backward()
+        x.grad = None
+    return step
+
+
+def _check(fn, x, t, loss_ref, grad_ref):
+    """Max error of loss and gradient against eager torch, relative to their magnitudes."""
+    xc = x.detach().clone().requires_grad_()
+    loss = fn(xc, t)
+    loss.backward()
+    grad = xc.grad
+    err_loss = (loss.double() - loss_ref.double()).abs().item() / max(1e-30, loss_ref.double().abs().item())
+    scale = grad_ref.double().abs().max().item() or 1.0
+    err_grad = (grad.double() - grad_ref.double()).abs().max().item() / scale
+    return max(err_loss, err_grad)
+
+
+def bench_cross_entropy(name, shape, dtype_name, device, timer, bw, args) -> List[Record]:
+    dtype = DTYPES[dtype_name]
+    C = shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 2).to(dtype).to(device).requires_grad_()
+    t = torch.randint(0, C, (shape[0],) + tuple(shape[2:]), generator=gen).to(device)
+    nbytes = x.numel() * x.element_size()
+    floor_fwd = nbytes / bw * 1e3
+    floor_fwdbwd = 2 * nbytes / bw * 1e3
+
+    impls = make_impls(device, not args.no_compile)
+    if args.impls:
+        impls = {k: v for k, v in impls.items() if k in args.impls or k == "torch eager"}
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+    # the eager result every implementation is checked against
+    xr = x.detach().clone().requires_grad_()
+    loss_ref = F.cross_entropy(xr, t)
+    loss_ref.backward()
+    grad_ref = xr.grad
+    del xr
+
+    records = {}
+    for impl, fn in impls.items():
+        rec = Record(name, list(shape), dtype_name, device, "cross_entropy", impl)
+        rec.floor_fwd_ms, rec.floor_fwdbwd_ms = floor_fwd, floor_fwdbwd
+        if impl != "torch eager":
+            log(f"  {impl}: check against eager")
+            rec.max_err = _check(fn, x, t, loss_ref, grad_ref)
+            rec.agrees = rec.max_err <= tol
+        records[impl] = rec
+    del loss_ref, grad_ref
+    # the in-place gradient overwrites its logits: that implementation gets its own copy
+    inputs = {impl: (x.detach().clone().requires_grad_() if "inplace" in impl else x)
+              for impl in impls}
+    for impl, fn in impls.items():
+        log(f"  {impl}: warm-up")
+        for _ in range(args.warmup):
+            _fwd_step(fn, inputs[impl], t)()
+            _fwdbwd_step(fn, inputs[impl], t)()
+
+    fwd_times = {k: [] for k in records}
+    fb_times = {k: [] for k in records}
+    for r in range(args.repeat):
+        log(f"  timing round {r + 1}/{args.repeat}")
+        for impl, fn in impls.items():  # interleaved
+            fwd_times[impl].append(timer(_fwd_step(fn, inputs[impl], t)))
+            fb_times[impl].append(timer(_fwdbwd_step(fn, inputs[impl], t)))
+    for impl, fn in impls.items():
+        rec = records[impl]
+        rec.fwd_ms = statistics.median(fwd_times[impl])
+        rec.fwdbwd_ms = statistics.median(fb_times[impl])
+        rec.fwdbwd_over_floor = rec.fwdbwd_ms / floor_fwdbwd
+        rec.gbps_fwdbwd = 2 * nbytes / (rec.fwdbwd_ms / 1e3) / 1e9
+    eager = records["torch eager"].fwdbwd_ms
+    comp = records["torch.compile"].fwdbwd_ms if "torch.compile" in records else None
+    for rec in records.values():
+        rec.vs_eager = eager / rec.fwdbwd_ms
+        rec.vs_compile = comp / rec.fwdbwd_ms if comp else None
+    return list(records.values())
+
+
+def measure_memory(records: List[Record], device: str, compile_baseline: bool) -> None:
+    """Extra peak memory of one forward+backward per implementation. CUDA: in this process
+    (the caching allocator's peak statistics are exact). CPU: in a child process per case, whose
+    glibc serves every allocation above 128 KB with its own mmap (MALLOC_MMAP_THRESHOLD_), so that
+    the peak resident set measures the allocations and not a heap warmed by earlier cases."""
+    rec0 = records[0]
+    spec = {"shape": rec0.shape, "dtype": rec0.dtype, "device": device,
+            "compile": compile_baseline, "impls": [r.impl for r in records]}
+    if device.startswith("cuda"):
+        result = _memory_case(spec)
+    else:
+        import subprocess
+
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+        code = "import sys, json; from softmax_ce.bench import _memory_case; " \
+               "print(json.dumps(_memory_case(json.loads(sys.argv[1]))))"
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            log(f"  memory measurement failed: {proc.stderr.strip()[-500:]}")
+            return
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in records:
+        peak = result.get(r.impl)
+        if peak is not None:
+            r.extra_peak_bytes = int(peak)
+            r.extra_peak_over_logits = peak / result["logits_bytes"]
+
+
+def _memory_case(spec: dict) -> dict:
+    device = spec["device"]
+    shape = tuple(spec["shape"])
+    dtype = DTYPES[spec["dtype"]]
+    impls = make_impls(device, spec["compile"])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    out = {}
+    for impl in spec["impls"]:
+        fn = impls.get(impl)
+        if fn is None:
+            continue
+        x = torch.randn(shape, generator=gen).to(dtype).to(device).requires_grad_()
+        t = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen).to(device)
+        out["logits_bytes"] = x.numel() * x.element_size()
+        _fwdbwd_step(fn, x, t)()  # warm: compiled graphs, caches
+        out[impl] = extra_peak_bytes(_fwdbwd_step(fn, x, t), device)
+        del x, t
+    return out
+
+
+def bench_softmax(name, shape, dtype_name, device, timer, args) -> List[Record]:
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(shape, generator=gen).to(dtype).to(device).requires_grad_()
+    g = torch.randn(shape, generator=gen).to(dtype).to(device)
+    out = []
+    for op in ("softmax", "log_softmax"):
+        pairs = {"softmax_ce": getattr(softmax_ce, op), "torch eager": getattr(F, op)}
+        steps = {}
+        for impl, fn in pairs.items():
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    fn(x, 1)
+
+            def fb(fn=fn):
+                y = fn(x, 1)
+                y.backward(g)
+                x.grad = None
+
+            steps[impl] = (fwd, fb)
+            for _ in range(args.warmup):
+                fwd()
+                fb()
+        times = {k: ([], []) for k in steps}
+        for _ in range(args.repeat):
+            for impl, (fwd, fb) in steps.items():
+                times[impl][0].append(timer(fwd))
+                times[impl][1].append(timer(fb))
+        y_ref = pairs["torch eager"](x.detach(), 1).double()
+        y = pairs["softmax_ce"](x.detach(), 1).double()
+        err = (y - y_ref).abs().max().item()
+        for impl in steps:
+            rec = Record(name, list(shape), dtype_name, device, op, impl)
+            rec.fwd_ms = statistics.median(times[impl][0])
+            rec.fwdbwd_ms = statistics.median(times[impl][1])
+            out.append(rec)
+        eager = out[-1].fwdbwd_ms
+        out[-2].vs_eager = eager / out[-2].fwdbwd_ms
+        out[-1].vs_eager = 1.0
+        out[-2].max_err = err
+        out[-2].agrees = err <= (1e-5 if dtype == torch.float32 else 2e-2)
+    return out
+
+
+def parse_shapes(text: str):
+    cases = []
+    for item in text.split(","):
+        item = item.strip()
+        if item:
+            shape = tuple(int(v) for v in item.lower().split("x"))
+            if len(shape) < 2:
+                raise SystemExit(f"--shapes: {item!r} needs at least (N, C)")
+            cases.append(("custom", shape))
+    return cases
+
+
+def format_table(records: List[Record], info: dict) -> str:
+    lines = []
+    head = (f"device: {info['device_name']} | threads: {info['threads']} | torch {info['torch']} | "
+            f"copy bandwidth {info['copy_gbps']:.1f} GB/s | softmax_ce {info['softmax_ce']}")
+    lines.append(head)
+    lines.append("")
+    cols = ["case", "shape", "dtype", "op", "impl", "fwd ms", "fwd+bwd ms", "x eager",
+            "x compile", "floor ms", "x floor", "extra mem (x logits)", "max err", "ok"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+
+    def f(v, fmt="{:.2f}"):
+        return "" if v is None else fmt.format(v)
+
+    for r in records:
+        lines.append("| " + " | ".join([
+            r.case, "x".join(map(str, r.shape)), r.dtype, r.op, r.impl, f(r.fwd_ms),
+            f(r.fwdbwd_ms), f(r.vs_eager, "{:.1f}x"), f(r.vs_compile, "{:.1f}x"),
+            f(r.floor_fwdbwd_ms), f(r.fwdbwd_over_floor, "{:.2f}"),
+            f(r.extra_peak_over_logits, "{:.2f}"), f(r.max_err, "{:.1e}"),
+            "" if r.agrees is None else ("yes" if r.agrees else "NO"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def machine_info(device: str, bw: float) -> dict:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return {
+        "device": device,
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "softmax_ce": softmax_ce.__version__,
+        "build": softmax_ce.build_info(),
+        "copy_gbps": bw / 1e9,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m softmax_ce bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", help="comma-separated shapes, e.g. 4096x32000,16x21x128x128")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype for --shapes (default float32), or a filter on the default cases")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.add_argument("--quick", action="store_true", help="small shapes, fewer repeats")
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 7; quick 3)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-softmax", action="store_true", help="skip softmax / log_softmax")
+    p.add_argument("--impls", nargs="*", help="only these implementations (eager always runs)")
+    p.add_argument("--output", help="also write the JSON records to this file")
+    args = p.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else 7
+
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    if args.shapes:
+        cases = [(n, s, args.dtype or "float32") for n, s in parse_shapes(args.shapes)]
+    else:
+        base = QUICK_CASES if args.quick else (GPU_CASES if device.startswith("cuda") else DEFAULT_CASES)
+        cases = [c for c in base if args.dtype is None or c[2] == args.dtype]
+    timer = Timer(device)
+    largest = max(torch.Size(s).numel() * DTYPES[d].itemsize for _, s, d in cases)
+    log(f"softmax_ce bench on {device}: measuring copy bandwidth")
+    bw = copy_bandwidth(largest, device, timer)
+    info = machine_info(device, bw)
+    log(f"copy bandwidth {bw / 1e9:.1f} GB/s; implementations: "
+        f"{', '.join(make_impls(device, False))}{'' if args.no_compile else ', torch.compile'}")
+
+    records: List[Record] = []
+    memory_work = []
+    for i, (name, shape, dtype_name) in enumerate(cases):
+        log(f"[{i + 1}/{len(cases)}] {name} {tuple(shape)} {dtype_name}: cross_entropy")
+        recs = bench_cross_entropy(name, shape, dtype_name, device, timer, bw, args)
+        records += recs
+        memory_work.append(recs)
+        if not args.no_softmax and str(tuple(shape)) in SOFTMAX_SHAPES and dtype_name == "float32":
+            log(f"[{i + 1}/{len(cases)}] {name} {tuple(shape)} {dtype_name}: softmax, log_softmax")
+            records += bench_softmax(name, shape, dtype_name, device, timer, args)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    if not args.no_memory:
+        for i, recs in enumerate(memory_work):
+            log(f"[{i + 1}/{len(memory_work)}] peak memory of {recs[0].case} {recs[0].shape} "
+                f"{recs[0].dtype}")
+            measure_memory(recs, device, not args.no_compile)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    payload = {"machine": info, "records": [asdict(r) for r in records]}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(payload, f, indent=1)
+    if args.json:
+        print(json.dumps(payload, indent=1))
+    else:
+        print(format_table(records, info))
+    bad = [r for r in records if r.agrees is False]
+    for r in bad:
+        log(f"DISAGREEMENT: {r.case} {r.shape} {r.dtype} {r.op} {r.impl}: max err {r.max_err:.2e}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The opt-in in-place gradient (memory saving and its guard) and the nn.Module losses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce
+from softmax_ce import nn as scnn
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_gradient_matches_and_reuses_storage(impl, device, kind, dtype):
+    x = torch.randn(8, 33, device=device).to(dtype).requires_grad_()
+    t = torch.randint(0, 33, (8,), device=device) if kind == "index" else \
+        torch.softmax(torch.randn(8, 33, device=device), 1).to(dtype)
+    expected_loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    ptr = x.data_ptr()
+    loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=True)
+    torch.testing.assert_close(loss, expected_loss)
+    loss.backward()
+    torch.testing.assert_close(x.grad, expected_grad)
+    assert x.grad.data_ptr() == ptr  # the gradient lives in the logits' storage
+    assert torch.equal(x.detach(), x.grad)  # ... and the logits were overwritten
+
+
+def test_inplace_through_a_model(impl, device):
+    lin = torch.nn.Linear(6, 40).to(device)
+    h = torch.randn(12, 6, device=device)
+    t = torch.randint(0, 40, (12,), device=device)
+    ref = torch.autograd.grad(F.cross_entropy(lin(h), t), list(lin.parameters()))
+    loss = softmax_ce.cross_entropy(lin(h), t, inplace_backward=True)
+    got = torch.autograd.grad(loss, list(lin.parameters()))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_inplace_guard_other_saved_use_fails(impl, device):
+    """Any other autograd use of the logits that saved them must fail loudly."""
+    x = torch.randn(5, 7, device=device, requires_grad=True)
+    t = torch.randint(0, 7, (5,), device=device)
+    logits = x * 2.0
+    other = (logits * logits).sum()  # saves logits for its own backward
+    loss = softmax_ce.cross_entropy(logits, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+def test_inplace_falls_back_with_create_graph(impl, device):
+    x = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, 6, (4,), device=device)
+    before = x.detach().clone()
+    loss = softmax_ce.cross_entropy(x, t, inplace_backward=True)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert torch.equal(x.detach(), before)
+    g.sum().backward()
+    assert x.grad is not None
+
+
+def test_module_state_dict_roundtrip():
+    w = torch.rand(5)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    ours = scnn.CrossEntropyLoss(weight=torch.zeros(5), ignore_index=2, label_smoothing=0.1)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.weight, w)
+    back = torch.nn.CrossEntropyLoss(weight=torch.zeros(5))
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.weight, w)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert list(scnn.CrossEntropyLoss().state_dict()) == list(torch.nn.CrossEntropyLoss().state_dict())
+    pw = torch.rand(3)
+    bce_t = torch.nn.BCEWithLogitsLoss(weight=torch.rand(3), pos_weight=pw)
+    bce_o = scnn.BCEWithLogitsLoss(weight=torch.zeros(3), pos_weight=torch.zeros(3))
+    bce_o.load_state_dict(bce_t.state_dict())
+    assert torch.equal(bce_o.pos_weight, pw)
+    assert list(bce_o.state_dict()) == list(bce_t.state_dict())
+
+
+@pytest.mark.parametrize("module_pair", [
+    (lambda: scnn.CrossEntropyLoss(label_smoothing=0.05), lambda: torch.nn.CrossEntropyLoss(label_smoothing=0.05)),
+    (lambda: scnn.CrossEntropyLoss(reduction="sum", ignore_index=0), lambda: torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=0)),
+    (lambda: scnn.BCEWithLogitsLoss(), lambda: torch.nn.BCEWithLogitsLoss()),
+])
+def test_module_matches_torch_module(impl, device, module_pair):
+    ours, theirs = module_pair[0]().to(device), module_pair[1]().to(device)
+    x = torch.randn(6, 4, device=device)
+    t = torch.randint(0, 4, (6,), device=device) if isinstance(ours, torch.nn.CrossEntropyLoss) \
+        else torch.rand(6, 4, device=device)
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+
+
+def test_softmax_modules(impl, device):
+    x = torch.randn(3, 5, 2, device=device)
+    for ours, theirs in ((scnn.Softmax(dim=1), torch.nn.Softmax(dim=1)),
+                         (scnn.LogSoftmax(dim=-1), torch.nn.LogSoftmax(dim=-1))):
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_training_loop_matches_torch(impl, device):
+    """A few SGD steps with our loss track the same steps with torch's."""
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 7)).to(device)
+    model_b = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 7)).to(device)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    loss_a_fn = scnn.CrossEntropyLoss(label_smoothing=0.1)
+    loss_b_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    for _ in range(5):
+        h = torch.randn(16, 10, device=device)
+        t = torch.randint(0, 7, (16,), device=device)
+        for model, opt, fn in ((model_a, opt_a, loss_a_fn), (model_b, opt_b, loss_b_fn)):
+            opt.zero_grad()
+            fn(model(h), t).backward()
+            opt.step()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_implementation_query():
+    assert softmax_ce.implementation("cpu") in ("compiled", "reference")
+    assert softmax_ce.implementation("meta") == "reference"
+    info = softmax_ce.build_info()
+    assert info["cpu"] == softmax_ce.implementation("cpu")
