@@ -66,9 +66,11 @@ def extensions():
         extra_link_args=["-fopenmp"],
     )
     if with_cuda and cuda_sources:
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DSOFTMAX_CE_WITH_CUDA"]
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda",
+                "-DSOFTMAX_CE_WITH_CUDA"]
         if debug:
-            nvcc = ["-O0", "-g", "-G", "--expt-relaxed-constexpr", "-DSOFTMAX_CE_WITH_CUDA"]
+            nvcc = ["-O0", "-g", "-G", "--expt-relaxed-constexpr", "--extended-lambda",
+                    "-DSOFTMAX_CE_WITH_CUDA"]
         ext = CUDAExtension(
             sources=sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DSOFTMAX_CE_WITH_CUDA"], "nvcc": nvcc},

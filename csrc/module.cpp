@@ -3,7 +3,17 @@
 // reports what was built.
 #include <Python.h>
 
+#include <exception>
+
+#include <cstdint>
+
 #include "cpu/kernels.h"
+
+#ifdef SOFTMAX_CE_WITH_CUDA
+namespace softmax_ce::cuda {
+bool take_bad_target(int64_t* value);  // ce_cuda.cu
+}
+#endif
 
 namespace {
 
@@ -19,7 +29,26 @@ PyObject* cuda_compiled(PyObject*, PyObject*) {
 #endif
 }
 
+// The out-of-range class index the CUDA kernels recorded on the current device since the last
+// call (None if there was none), cleared. Synchronises with the device.
+PyObject* cuda_take_target_error(PyObject*, PyObject*) {
+#ifdef SOFTMAX_CE_WITH_CUDA
+  int64_t value = 0;
+  bool found = false;
+  try {
+    found = softmax_ce::cuda::take_bad_target(&value);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  if (found) return PyLong_FromLongLong(value);
+#endif
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"cuda_take_target_error", cuda_take_target_error, METH_NOARGS,
+     "The out-of-range class index recorded by the CUDA kernels (or None), cleared."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU kernels in use."},
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were built."},
     {nullptr, nullptr, 0, nullptr},

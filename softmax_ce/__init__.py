@@ -45,6 +45,19 @@ from .functional import (  # noqa: E402
 from .ops import force_reference, implementation  # noqa: E402
 
 
+def cuda_take_target_error():
+    """The out-of-range class index the CUDA kernels met since the last call, or None.
+
+    On the GPU an out-of-range target never triggers a device-side assert (which would poison
+    the CUDA context) and no kernel synchronises to check: the position gets a NaN loss and
+    gradient, and the first offending value is recorded on the device. This reads (synchronising
+    with the device) and clears it; call it where you would check a loss anyway.
+    """
+    if _C is None:
+        return None
+    return _C.cuda_take_target_error()
+
+
 def build_info() -> dict:
     """What the extension was built with and which implementation serves each device."""
     info = {
@@ -70,6 +83,7 @@ __all__ = [
     "implementation",
     "force_reference",
     "build_info",
+    "cuda_take_target_error",
     "SoftmaxFunction",
     "LogSoftmaxFunction",
     "SoftmaxCrossEntropyFunction",

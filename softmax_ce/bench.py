@@ -378,22 +378,33 @@ def parse_shapes(text: str):
 def format_table(records: List[Record], info: dict) -> str:
     lines = []
     head = (f"device: {info['device_name']} | threads: {info['threads']} | torch {info['torch']} | "
-            f"copy bandwidth {info['copy_gbps']:.1f} GB/s | softmax_ce {info['softmax_ce']}")
+            f"copy bandwidth {info['copy_gbps']:.1f} GB/s (read + write) | softmax_ce "
+            f"{info['softmax_ce']} | {info['date']}")
+    lines.append("")
+    lines.append("%bw: bytes the operation must move (forward: the logits once; forward+backward: "
+                 "the logits once and the gradient once) / time, as a share of the copy bandwidth; "
+                 "x floor: time / that floor; extra mem: peak memory of forward+backward beyond "
+                 "the logits.")
     lines.append(head)
     lines.append("")
     cols = ["case", "shape", "dtype", "op", "impl", "fwd ms", "fwd+bwd ms", "x eager",
-            "x compile", "floor ms", "x floor", "extra mem (x logits)", "max err", "ok"]
+            "x compile", "fwd %bw", "f+b GB/s", "f+b %bw", "f+b x floor", "extra mem (x logits)",
+            "max err", "ok"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
 
     def f(v, fmt="{:.2f}"):
         return "" if v is None else fmt.format(v)
 
+    def pct(floor, t):  # share of the measured copy bandwidth achieved
+        return None if floor is None or not t else 100.0 * floor / t
+
     for r in records:
         lines.append("| " + " | ".join([
             r.case, "x".join(map(str, r.shape)), r.dtype, r.op, r.impl, f(r.fwd_ms),
             f(r.fwdbwd_ms), f(r.vs_eager, "{:.1f}x"), f(r.vs_compile, "{:.1f}x"),
-            f(r.floor_fwdbwd_ms), f(r.fwdbwd_over_floor, "{:.2f}"),
+            f(pct(r.floor_fwd_ms, r.fwd_ms), "{:.0f}%"), f(r.gbps_fwdbwd, "{:.0f}"),
+            f(pct(r.floor_fwdbwd_ms, r.fwdbwd_ms), "{:.0f}%"), f(r.fwdbwd_over_floor, "{:.2f}"),
             f(r.extra_peak_over_logits, "{:.2f}"), f(r.max_err, "{:.1e}"),
             "" if r.agrees is None else ("yes" if r.agrees else "NO"),
         ]) + " |")

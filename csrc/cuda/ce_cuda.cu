@@ -1,0 +1,591 @@
+// CUDA kernels and bindings of the cross-entropy ops (schemas in softmax_ce/ops.py).
+//
+// Rows (inner == 1): a group of GROUP threads per row (GROUP <= 32: part of a warp, several rows
+// per block; GROUP > 32: the whole block), 16-byte loads, one pass over the row with online
+// max/sum, per-row float64 lse. The backward reads the row once and writes the gradient once;
+// the true-class term is folded into the per-element formula, so every gradient element is
+// formed in float and rounded once. inner > 1 (e.g. (N, C, H, W)): one thread per position,
+// looping over classes with stride inner (coalesced across positions). No host synchronisation:
+// an out-of-range class index gives that position a NaN loss / gradient and is recorded in
+// g_bad_target (read by softmax_ce.cuda_take_target_error()), never a device-side assert.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "device_common.cuh"
+
+namespace softmax_ce::cuda {
+
+constexpr unsigned long long kNoBadTarget = 0xFFFFFFFFFFFFFFFFull;
+__device__ unsigned long long g_bad_target = kNoBadTarget;
+
+__device__ __forceinline__ void report_bad_target(int64_t value) {
+  atomicCAS(&g_bad_target, kNoBadTarget, static_cast<unsigned long long>(value));
+}
+
+// Reads and clears the recorded out-of-range class index of the current device (synchronises).
+bool take_bad_target(int64_t* value) {
+  unsigned long long v = kNoBadTarget;
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(&v, g_bad_target, sizeof(v)));
+  const unsigned long long none = kNoBadTarget;
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_bad_target, &none, sizeof(none)));
+  *value = static_cast<int64_t>(v);
+  return v != kNoBadTarget;
+}
+
+struct CeParams {
+  const void* x;
+  void* out;
+  const void* target;
+  bool target_i32;
+  const void* prob;
+  const void* weight;      // acc_t [C] or null
+  const void* w_sum_dev;   // acc_t scalar (sum of weight) or null: then w_sum_host
+  double w_sum_host;
+  int64_t outer, C, inner;
+  int64_t ignore_index;
+  double eps, z, softcap;
+  void* loss;
+  double* lse_out;
+  const double* lse_in;
+  const void* grad;
+  int64_t gso, gsi;
+};
+
+__device__ __forceinline__ int64_t load_target(const CeParams& p, int64_t pos) {
+  return p.target_i32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.target)[pos])
+                      : static_cast<const int64_t*>(p.target)[pos];
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t weight_sum(const CeParams& p) {
+  return p.w_sum_dev ? *static_cast<const acc_t*>(p.w_sum_dev) : static_cast<acc_t>(p.w_sum_host);
+}
+
+// The loss of one position from its statistics (formulas in row_math.h).
+template <typename T, typename acc_t>
+__device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t pos,
+                                           const T* x_pos, int64_t class_stride,
+                                           const Stats<acc_t>& st, const Cap<acc_t>& cap) {
+  const acc_t log_s = dlog(st.s);
+  const double lse = lse_from_stats(st.m, log_s);
+  p.lse_out[pos] = lse;
+  acc_t* loss = static_cast<acc_t*>(p.loss);
+  const acc_t z = static_cast<acc_t>(p.z);
+  if (prob) {
+    loss[pos] = ce_prob_loss(st.m, log_s, st.sa, st.d, z, lse);
+    return;
+  }
+  const int64_t y = load_target(p, pos);
+  if (y == p.ignore_index) {
+    loss[pos] = acc_t(0);
+  } else if (y < 0 || y >= p.C) {
+    report_bad_target(y);
+    loss[pos] = std::numeric_limits<acc_t>::quiet_NaN();
+  } else {
+    const acc_t* w = static_cast<const acc_t*>(p.weight);
+    const acc_t eps = static_cast<acc_t>(p.eps);
+    const acc_t x_y = cap.value(static_cast<acc_t>(x_pos[y * class_stride]));
+    loss[pos] = ce_index_loss(st.m, log_s, x_y, w ? w[y] : acc_t(1), st.d, weight_sum<acc_t>(p),
+                              eps, static_cast<acc_t>(p.eps / p.C), z, lse);
+  }
+}
+
+// Accumulate one visited run of `count` logits (a pack or a single element) into st.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int count, int64_t c0,
+                                           const T* t_row, bool prob, bool dot, const acc_t* w,
+                                           const Cap<acc_t>& cap, acc_t eps1, acc_t eps_c) {
+  acc_t v[kVec<T>];
+  acc_t vm = -std::numeric_limits<acc_t>::infinity();
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (k < count) {
+      v[k] = cap.value(static_cast<acc_t>(vals[k]));
+      vm = nan_max(vm, v[k]);
+    }
+  }
+  st.rebase(nan_max(st.m, vm));
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (k < count) {
+      st.add(v[k]);
+      if (dot) {
+        acc_t coef = w ? w[c0 + k] : acc_t(1);
+        if (prob) coef *= eps1 * static_cast<acc_t>(t_row[c0 + k]) + eps_c;
+        st.add_dot(v[k], coef);
+      }
+    }
+  }
+}
+
+template <typename T, int GROUP, bool kVector>
+__global__ void ce_fwd_rows_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  __shared__ Stats<acc_t> smem[32];
+  constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
+  const int tid = GROUP <= 32 ? static_cast<int>(threadIdx.x) % GROUP : threadIdx.x;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS +
+                      (GROUP <= 32 ? static_cast<int>(threadIdx.x) / GROUP : 0);
+  const bool active = row < p.outer;
+  const int64_t C = p.C;
+  const T* x = static_cast<const T*>(p.x) + (active ? row * C : 0);
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + (active ? row * C : 0) : nullptr;
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
+  const Cap<acc_t> cap(p.softcap);
+  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
+  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
+  const bool dot = prob || p.eps > 0;
+  Stats<acc_t> st;
+  st.init();
+  row_foreach<T, kVector>(x, active ? C : 0, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+    accumulate(st, vals, count, c0, t_row, prob, dot, w, cap, eps1, eps_c);
+  });
+  st = group_reduce<GROUP>(st, smem);
+  if (active && tid == 0) write_loss(p, prob, row, x, 1, st, cap);
+}
+
+template <typename T>
+__global__ void ce_fwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos % I;
+  const T* x = static_cast<const T*>(p.x) + o * C * I + i;
+  const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
+  const Cap<acc_t> cap(p.softcap);
+  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
+  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
+  const bool dot = prob || p.eps > 0;
+  Stats<acc_t> st;
+  st.init();
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = cap.value(static_cast<acc_t>(x[c * I]));
+    st.rebase(nan_max(st.m, v));
+    st.add(v);
+    if (dot) {
+      acc_t coef = w ? w[c] : acc_t(1);
+      if (prob) coef *= eps1 * static_cast<acc_t>(t[c * I]) + eps_c;
+      st.add_dot(v, coef);
+    }
+  }
+  write_loss(p, prob, pos, x, I, st, cap);
+}
+
+// Per-position backward coefficients: grad_c = (k p_c - b_c - [c == y] tc) cap'(x_c) with
+// b_c = bs w_c (class-index smoothing) or g a_c (probabilities).
+template <typename acc_t>
+struct BwdCoef {
+  acc_t hi, lo, g, k, bs, tc;
+  int64_t y;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob, int64_t o,
+                                                   int64_t i, int64_t pos, acc_t a_prob) {
+  BwdCoef<acc_t> cf;
+  const double lse = p.lse_in[pos];
+  split_lse(lse, cf.hi, cf.lo);  // a NaN lse makes every p_c (and so the gradient) NaN
+  cf.g = static_cast<const acc_t*>(p.grad)[o * p.gso + i * p.gsi];
+  const acc_t z = static_cast<acc_t>(p.z), eps = static_cast<acc_t>(p.eps);
+  const acc_t eps_c = p.C > 0 ? static_cast<acc_t>(p.eps / p.C) : acc_t(0);
+  cf.y = -1;
+  cf.bs = cf.tc = acc_t(0);
+  if (prob) {
+    cf.k = ce_prob_scale(cf.g, a_prob, z, lse);
+    return cf;
+  }
+  const int64_t y = load_target(p, pos);
+  if (y == p.ignore_index) {
+    cf.k = acc_t(0);  // a zero gradient (NaN where the logits are, as torch)
+    return cf;
+  }
+  if (y < 0 || y >= p.C) {
+    report_bad_target(y);
+    cf.hi = std::numeric_limits<acc_t>::quiet_NaN();
+    cf.k = acc_t(0);
+    return cf;
+  }
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
+  const acc_t w_y = w ? w[y] : acc_t(1);
+  cf.k = ce_prob_scale(cf.g, ce_index_a(w_y, weight_sum<acc_t>(p), eps, eps_c), z, lse);
+  cf.bs = cf.g * eps_c;
+  cf.tc = cf.g * (acc_t(1) - eps) * w_y;
+  cf.y = y;
+  return cf;
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv, int64_t c,
+                                              const T* t_c, const acc_t* w, bool prob, bool smooth,
+                                              const Cap<acc_t>& cap, acc_t eps1, acc_t eps_c) {
+  acc_t d;
+  const acc_t xs = cap.value_and_derivative(xv, d);
+  const acc_t pr = dexp((xs - cf.hi) - cf.lo);
+  acc_t b = acc_t(0);
+  if (prob) {
+    b = cf.g * (w ? w[c] : acc_t(1)) * (eps1 * static_cast<acc_t>(*t_c) + eps_c);
+  } else if (smooth) {
+    b = cf.bs * (w ? w[c] : acc_t(1));
+  }
+  if (c == cf.y) b += cf.tc;
+  return (cf.k * pr - b) * d;
+}
+
+template <typename T, int GROUP, bool kVector>
+__global__ void ce_bwd_rows_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  __shared__ acc_t smem[32];
+  constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
+  const int tid = GROUP <= 32 ? static_cast<int>(threadIdx.x) % GROUP : threadIdx.x;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS +
+                      (GROUP <= 32 ? static_cast<int>(threadIdx.x) / GROUP : 0);
+  const bool active = row < p.outer;
+  const int64_t C = p.C, n = active ? C : 0;
+  const T* x = static_cast<const T*>(p.x) + (active ? row * C : 0);
+  T* out = static_cast<T*>(p.out) + (active ? row * C : 0);
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + (active ? row * C : 0) : nullptr;
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
+  const Cap<acc_t> cap(p.softcap);
+  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
+  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
+  acc_t a_prob = acc_t(0);
+  if (prob) {  // A = sum_c w_c ((1-eps) t_c + eps/C)
+    for (int64_t c = tid; c < n; c += GROUP) {
+      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * static_cast<acc_t>(t_row[c]) + eps_c);
+    }
+    a_prob = group_sum<GROUP>(a_prob, smem);
+  }
+  if (!active) return;  // no collective operation below
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, a_prob);
+  const bool smooth = p.eps > 0;
+  row_foreach<T, kVector>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+    T res[kVec<T>];
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) {
+        res[k] = static_cast<T>(grad_element<T>(cf, static_cast<acc_t>(vals[k]), c0 + k,
+                                                t_row + c0 + k, w, prob, smooth, cap, eps1, eps_c));
+      }
+    }
+    store_pack(out + c0, res, count);
+  });
+}
+
+template <typename T>
+__global__ void ce_bwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos % I;
+  const T* x = static_cast<const T*>(p.x) + o * C * I + i;
+  T* out = static_cast<T*>(p.out) + o * C * I + i;
+  const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
+  const Cap<acc_t> cap(p.softcap);
+  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
+  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
+  acc_t a_prob = acc_t(0);
+  if (prob) {
+    for (int64_t c = 0; c < C; ++c) {
+      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * static_cast<acc_t>(t[c * I]) + eps_c);
+    }
+  }
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, a_prob);
+  const bool smooth = p.eps > 0;
+  for (int64_t c = 0; c < C; ++c) {
+    out[c * I] = static_cast<T>(grad_element<T>(cf, static_cast<acc_t>(x[c * I]), c,
+                                                prob ? t + c * I : nullptr, w, prob, smooth, cap,
+                                                eps1, eps_c));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// launches
+// ---------------------------------------------------------------------------------------------
+
+// Threads per row: a few for narrow rows, a warp up to ~256 packs, then a block.
+inline int row_group(int64_t C, int vec) {
+  const int64_t packs = (C + vec - 1) / vec;
+  if (packs <= 1) return 1;
+  if (packs <= 4) return 4;
+  if (packs <= 256) return 32;
+  if (packs <= 16384) return 256;
+  return 1024;
+}
+
+template <typename T, template <typename, int, bool> class K>
+void launch_rows(const CeParams& p, bool prob, bool vector, cudaStream_t stream) {
+  const int group = row_group(p.C, kVec<T>);
+  auto go = [&](auto group_c, auto vec_c) {
+    constexpr int G = decltype(group_c)::value;
+    constexpr bool VV = decltype(vec_c)::value;
+    constexpr int threads = G <= 32 ? 256 : G;
+    constexpr int rows = G <= 32 ? 256 / G : 1;
+    const int64_t blocks = (p.outer + rows - 1) / rows;
+    K<T, G, VV>::launch(blocks, threads, stream, p, prob);
+  };
+  auto with_vec = [&](auto group_c) {
+    if (vector) {
+      go(group_c, std::true_type{});
+    } else {
+      go(group_c, std::false_type{});
+    }
+  };
+  switch (group) {
+    case 1:
+      return with_vec(std::integral_constant<int, 1>{});
+    case 4:
+      return with_vec(std::integral_constant<int, 4>{});
+    case 32:
+      return with_vec(std::integral_constant<int, 32>{});
+    case 256:
+      return with_vec(std::integral_constant<int, 256>{});
+    default:
+      return with_vec(std::integral_constant<int, 1024>{});
+  }
+}
+
+template <typename T, int G, bool V>
+struct FwdRows {
+  static void launch(int64_t blocks, int threads, cudaStream_t s, const CeParams& p, bool prob) {
+    ce_fwd_rows_kernel<T, G, V><<<blocks, threads, 0, s>>>(p, prob);
+  }
+};
+template <typename T, int G, bool V>
+struct BwdRows {
+  static void launch(int64_t blocks, int threads, cudaStream_t s, const CeParams& p, bool prob) {
+    ce_bwd_rows_kernel<T, G, V><<<blocks, threads, 0, s>>>(p, prob);
+  }
+};
+
+inline bool aligned_alike(std::initializer_list<const void*> ptrs) {
+  uintptr_t first = 0;
+  bool have = false;
+  for (const void* ptr : ptrs) {
+    if (!ptr) continue;
+    const uintptr_t r = reinterpret_cast<uintptr_t>(ptr) % 16;
+    if (have && r != first) return false;
+    first = r;
+    have = true;
+  }
+  return true;
+}
+
+template <typename T>
+void launch(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
+  if (p.outer == 0 || p.inner == 0) return;
+  if (p.inner == 1) {
+    // 16-byte access needs the logits' and the gradient's rows equally aligned (row_foreach
+    // handles each row's unaligned head); probabilities are read element by element
+    const bool vector = aligned_alike({p.x, backward ? p.out : nullptr});
+    if (backward) {
+      launch_rows<T, BwdRows>(p, prob, vector, stream);
+    } else {
+      launch_rows<T, FwdRows>(p, prob, vector, stream);
+    }
+  } else {
+    const int64_t n = p.outer * p.inner;
+    const int threads = 256;
+    const int64_t blocks = (n + threads - 1) / threads;
+    if (backward) {
+      ce_bwd_inner_kernel<T><<<blocks, threads, 0, stream>>>(p, prob);
+    } else {
+      ce_fwd_inner_kernel<T><<<blocks, threads, 0, stream>>>(p, prob);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// bindings: the only code here that touches at::Tensor
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Prepared {
+  at::Tensor x, target, weight, w_sum;
+  CeParams p{};
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                 double z, double softcap, bool prob) {
+  TORCH_CHECK(logits.dim() == 3, "softmax_ce: argument 'logits' must be [outer, C, inner] (3-D), got ",
+              logits.dim(), "-D");
+  TORCH_CHECK(logits.is_cuda(), "softmax_ce: argument 'logits' must be a CUDA tensor");
+  const at::ScalarType st = logits.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(st == at::kDouble || st == at::kFloat || st == at::kBFloat16 ||
+                                  st == at::kHalf,
+                              "softmax_ce: argument 'logits' must be float64, float32, bfloat16 ",
+                              "or float16, got ", st);
+  const int64_t O = logits.size(0), C = logits.size(1), I = logits.size(2);
+  TORCH_CHECK(target.device() == logits.device(), "softmax_ce: argument 'target' must be on ",
+              logits.device(), ", got ", target.device());
+  if (prob) {
+    TORCH_CHECK(target.sizes() == logits.sizes() && target.scalar_type() == st,
+                "softmax_ce: argument 'target' (probabilities) must have the logits' shape and dtype");
+  } else {
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == O && target.size(1) == I,
+                "softmax_ce: argument 'target' must be [outer, inner] = [", O, ", ", I, "], got ",
+                target.sizes());
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                "softmax_ce: argument 'target' must be int64 or int32, got ", target.scalar_type());
+  }
+  Prepared r;
+  r.x = logits.contiguous();
+  r.target = target.contiguous();
+  const at::ScalarType acc = acc_type(st);
+  CeParams& p = r.p;
+  p.w_sum_host = static_cast<double>(C);
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C && weight->scalar_type() == acc &&
+                    weight->device() == logits.device(),
+                "softmax_ce: argument 'weight' must be [C] = [", C, "] of ", acc, " on ",
+                logits.device());
+    r.weight = weight->contiguous();
+    r.w_sum = r.weight.sum();  // stays on the device: no synchronisation
+    p.weight = r.weight.data_ptr();
+    p.w_sum_dev = r.w_sum.data_ptr();
+  }
+  p.x = r.x.data_ptr();
+  if (prob) {
+    p.prob = r.target.data_ptr();
+  } else {
+    p.target = r.target.data_ptr();
+    p.target_i32 = r.target.scalar_type() == at::kInt;
+  }
+  p.outer = O;
+  p.C = C;
+  p.inner = I;
+  p.ignore_index = ignore_index;
+  p.eps = eps;
+  p.z = z;
+  p.softcap = softcap;
+  return r;
+}
+
+void dispatch(const CeParams& p, at::ScalarType st, bool prob, bool backward) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (st) {
+    case at::kDouble:
+      return launch<double>(p, prob, backward, stream);
+    case at::kFloat:
+      return launch<float>(p, prob, backward, stream);
+    case at::kBFloat16:
+      return launch<c10::BFloat16>(p, prob, backward, stream);
+    case at::kHalf:
+      return launch<c10::Half>(p, prob, backward, stream);
+    default:
+      TORCH_CHECK(false, "softmax_ce: unsupported dtype ", st);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight,
+                                           int64_t ignore_index, double eps, double z,
+                                           double softcap, bool prob) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Prepared r = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
+  const int64_t O = logits.size(0), I = logits.size(2);
+  at::Tensor loss = at::empty({O, I}, logits.options().dtype(acc_type(logits.scalar_type())));
+  at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
+  r.p.loss = loss.data_ptr();
+  r.p.lse_out = lse.data_ptr<double>();
+  dispatch(r.p, logits.scalar_type(), prob, false);
+  return {loss, lse};
+}
+
+at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                    int64_t ignore_index, double eps, double z, double softcap, bool prob,
+                    at::Tensor out) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Prepared r = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
+  const int64_t O = logits.size(0), I = logits.size(2);
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == O && grad_loss.size(1) == I &&
+                  grad_loss.device() == logits.device(),
+              "softmax_ce: argument 'grad_loss' must be [", O, ", ", I, "] on ", logits.device());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == O && lse.size(1) == I &&
+                  lse.scalar_type() == at::kDouble && lse.device() == logits.device(),
+              "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "] on ", logits.device());
+  const at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
+  const at::Tensor lse_c = lse.contiguous();
+  if (!out.defined()) out = at::empty_like(r.x, at::MemoryFormat::Contiguous);
+  r.p.out = out.data_ptr();
+  r.p.grad = g.data_ptr();
+  r.p.gso = g.stride(0);
+  r.p.gsi = g.stride(1);
+  r.p.lse_in = lse_c.data_ptr<double>();
+  dispatch(r.p, logits.scalar_type(), prob, true);
+  return out;
+}
+
+void backward_inplace(const at::Tensor& grad_loss, const at::Tensor& logits,
+                      const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& lse, int64_t ignore_index, double eps, double z,
+                      double softcap, bool prob) {
+  if (logits.is_contiguous()) {
+    backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, logits);
+  } else {
+    logits.copy_(backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap,
+                          prob, at::Tensor()));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                          const std::optional<at::Tensor>& weight,
+                                          int64_t ignore_index, double eps, double z,
+                                          double softcap) {
+  return forward(logits, target, weight, ignore_index, eps, z, softcap, false);
+}
+
+at::Tensor ce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                  int64_t ignore_index, double eps, double z, double softcap) {
+  return backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false,
+                  at::Tensor());
+}
+
+void ce_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+             double eps, double z, double softcap) {
+  backward_inplace(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                               const std::optional<at::Tensor>& weight,
+                                               double eps, double z, double softcap) {
+  return forward(logits, target, weight, -100, eps, z, softcap, true);
+}
+
+at::Tensor ce_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
+                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                       const at::Tensor& lse, double eps, double z, double softcap) {
+  return backward(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true,
+                  at::Tensor());
+}
+
+void ce_prob_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, double eps,
+                  double z, double softcap) {
+  backward_inplace(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(softmax_ce, CUDA, m) {
+  m.impl("ce_fwd", &ce_fwd);
+  m.impl("ce_bwd", &ce_bwd);
+  m.impl("ce_bwd_", &ce_bwd_);
+  m.impl("ce_prob_fwd", &ce_prob_fwd);
+  m.impl("ce_prob_bwd", &ce_prob_bwd);
+  m.impl("ce_prob_bwd_", &ce_prob_bwd_);
+}
+
+}  // namespace softmax_ce::cuda

@@ -1,0 +1,211 @@
+// Device helpers shared by the CUDA kernels: accumulation types, 16-byte vector access with
+// alignment handling, NaN-aware online softmax statistics and their warp/block reductions.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "../common/row_math.h"
+
+namespace softmax_ce::cuda {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// Elements of T per 16-byte load.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+template <typename T>
+struct alignas(16) Pack {
+  T v[kVec<T>];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dexp(acc_t x);
+template <>
+__device__ __forceinline__ float dexp<float>(float x) {
+  return __expf(x);  // ex2.approx: exp(-inf) = 0, NaN stays NaN
+}
+template <>
+__device__ __forceinline__ double dexp<double>(double x) {
+  return exp(x);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dlog(acc_t x) {
+  return sce_log(x);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ bool finite(acc_t v) {
+  return v == v && v != std::numeric_limits<acc_t>::infinity() &&
+         v != -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || b != b) ? std::numeric_limits<acc_t>::quiet_NaN() : (a > b ? a : b);
+}
+
+// Online statistics of a set of (capped) logits x with coefficients a:
+//   m = max x (NaN-propagating), s = sum exp(x - r), d = sum a (r - x), sa = sum a,
+// with the reference r = m when m is finite and 0 otherwise (so -inf logits contribute
+// a * inf to d, as torch's -a log p does, and no exp(-inf - -inf) is ever formed).
+template <typename acc_t>
+struct Stats {
+  acc_t m, s, d, sa;
+  __device__ __forceinline__ void init() {
+    m = -std::numeric_limits<acc_t>::infinity();
+    s = d = sa = acc_t(0);
+  }
+  __device__ __forceinline__ acc_t ref() const { return finite(m) ? m : acc_t(0); }
+  // Move to a new maximum mn >= m (or NaN).
+  __device__ __forceinline__ void rebase(acc_t mn) {
+    if (mn == m) return;
+    const acc_t r_old = ref();
+    const acc_t r_new = finite(mn) ? mn : acc_t(0);
+    s = finite(m) ? s * dexp(m - mn) : acc_t(0);
+    d += sa * (r_new - r_old);
+    m = mn;
+  }
+  __device__ __forceinline__ void add(acc_t v) {
+    if (finite(m)) s += dexp(v - m);
+  }
+  __device__ __forceinline__ void add_dot(acc_t v, acc_t coef) {
+    d += coef * (ref() - v);
+    sa += coef;
+  }
+  __device__ __forceinline__ void merge(const Stats& o) {
+    const acc_t mn = nan_max(m, o.m);
+    Stats b = o;
+    rebase(mn);
+    b.rebase(mn);
+    s += b.s;
+    d += b.d;
+    sa += b.sa;
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t shfl_xor(acc_t v, int offset, int width) {
+  return __shfl_xor_sync(0xffffffffu, v, offset, width);
+}
+
+// Reduce Stats over a group of GROUP threads (power of two). GROUP <= 32: the group is part of a
+// warp; GROUP > 32: the group is the whole block (blockDim.x == GROUP), via shared memory.
+// Every thread of the group gets the result. All threads of a warp must call it.
+template <int GROUP, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> group_reduce(Stats<acc_t> st, Stats<acc_t>* smem) {
+  constexpr int W = GROUP < 32 ? GROUP : 32;
+#pragma unroll
+  for (int off = W / 2; off > 0; off >>= 1) {
+    Stats<acc_t> o;
+    o.m = shfl_xor(st.m, off, W);
+    o.s = shfl_xor(st.s, off, W);
+    o.d = shfl_xor(st.d, off, W);
+    o.sa = shfl_xor(st.sa, off, W);
+    st.merge(o);
+  }
+  if constexpr (GROUP > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) smem[warp] = st;
+    __syncthreads();
+    if (warp == 0) {
+      if (lane < GROUP / 32) {
+        st = smem[lane];
+      } else {
+        st.init();
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        Stats<acc_t> o;
+        o.m = shfl_xor(st.m, off, 32);
+        o.s = shfl_xor(st.s, off, 32);
+        o.d = shfl_xor(st.d, off, 32);
+        o.sa = shfl_xor(st.sa, off, 32);
+        st.merge(o);
+      }
+      if (lane == 0) smem[0] = st;
+    }
+    __syncthreads();
+    st = smem[0];
+    __syncthreads();  // smem is reused by the caller
+  }
+  return st;
+}
+
+template <int GROUP, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
+  constexpr int W = GROUP < 32 ? GROUP : 32;
+#pragma unroll
+  for (int off = W / 2; off > 0; off >>= 1) v += shfl_xor(v, off, W);
+  if constexpr (GROUP > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+      v = lane < GROUP / 32 ? smem[lane] : acc_t(0);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += shfl_xor(v, off, 32);
+      if (lane == 0) smem[0] = v;
+    }
+    __syncthreads();
+    v = smem[0];
+    __syncthreads();
+  }
+  return v;
+}
+
+// Visit the elements [0, n) of a row split over `nthr` threads: an unaligned head element by
+// element, then 16-byte packs, then the tail. f(const T* vals, int count, int64_t c0). With
+// kVector false every element is visited alone (used when the row pointers of the tensors a
+// kernel reads and writes are not equally aligned).
+template <typename T, bool kVector, typename F>
+__device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, int nthr, F&& f) {
+  constexpr int V = kVec<T>;
+  int64_t head = 0;
+  if constexpr (kVector) {
+    const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(row) / sizeof(T)) % V);
+    head = mis ? (V - mis < n ? V - mis : n) : 0;
+  }
+  for (int64_t c = tid; c < head; c += nthr) f(row + c, 1, c);
+  int64_t done = head;
+  if constexpr (kVector) {
+    const int64_t nvec = (n - head) / V;
+    const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(row + head);
+    for (int64_t i = tid; i < nvec; i += nthr) {
+      const Pack<T> p = packs[i];
+      f(p.v, V, head + i * V);
+    }
+    done = head + nvec * V;
+  }
+  for (int64_t c = done + tid; c < n; c += nthr) f(row + c, 1, c);
+}
+
+// Store `count` values (a whole pack when count == kVec) at dst, which has the alignment the
+// matching row_foreach visit had.
+template <typename T>
+__device__ __forceinline__ void store_pack(T* dst, const T* vals, int count) {
+  if (count == kVec<T>) {
+    Pack<T> p;
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) p.v[k] = vals[k];
+    *reinterpret_cast<Pack<T>*>(dst) = p;
+  } else {
+    for (int k = 0; k < count; ++k) dst[k] = vals[k];
+  }
+}
+
+}  // namespace softmax_ce::cuda

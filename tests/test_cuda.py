@@ -1,0 +1,142 @@
+"""GPU-only behaviour: CUDA-graph capture, out-of-range targets without device asserts, the
+kernels' launch shapes (narrow rows, wide rows, block-wide rows, unaligned rows). Skipped
+cleanly without a CUDA device."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _compiled():
+    if softmax_ce.implementation("cuda") != "compiled":
+        pytest.skip("CUDA kernels not built")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_graph_capture_forward_backward(inplace):
+    _compiled()
+    torch.manual_seed(0)
+    x0 = torch.randn(64, 1000, device="cuda")
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    x = x0.clone().requires_grad_()
+
+    def step():
+        x.grad = None
+        loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=inplace)
+        loss.backward()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            with torch.no_grad():
+                x.copy_(x0)
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        x.copy_(x0)
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=inplace)
+        loss.backward()
+    with torch.no_grad():
+        x.copy_(x0)
+    graph.replay()
+    torch.cuda.synchronize()
+    xr = x0.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t, label_smoothing=0.1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_out_of_range_target_is_nan_and_recorded():
+    _compiled()
+    softmax_ce.cuda_take_target_error()  # clear
+    x = torch.randn(4, 5, device="cuda", requires_grad=True)
+    t = torch.tensor([0, 7, 2, 3], device="cuda")
+    loss = softmax_ce.cross_entropy(x, t, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+    loss.sum().backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2, 3]]).all()
+    assert softmax_ce.cuda_take_target_error() == 7
+    assert softmax_ce.cuda_take_target_error() is None
+    # the context is healthy afterwards
+    torch.testing.assert_close(softmax_ce.cross_entropy(x, torch.tensor([0, 1, 2, 3], device="cuda")),
+                               F.cross_entropy(x, torch.tensor([0, 1, 2, 3], device="cuda")))
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((33, 3), torch.float32),          # one pack per row
+    ((65, 10), torch.float32),         # 4 threads per row
+    ((31, 1001), torch.float32),       # a warp per row, rows not 16-byte aligned
+    ((17, 32000), torch.float32),      # a 256-thread block per row
+    ((9, 128256), torch.bfloat16),     # a 1024-thread block per row
+    ((7, 50257), torch.float16),       # odd vocabulary
+    ((5, 7, 33, 9), torch.float32),    # inner > 1
+    ((6, 300), torch.float64),
+])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                                     {"softcap": 20.0}, {"weight": True}])
+def test_launch_shapes(shape, dtype, options):
+    _compiled()
+    torch.manual_seed(0)
+    C = shape[1]
+    x = (torch.randn(shape, device="cuda") * 3).to(dtype)
+    t = torch.randint(0, C, (shape[0],) + shape[2:], device="cuda")
+    kw = dict(options)
+    w = None
+    if kw.pop("weight", False):
+        w = torch.rand(C, device="cuda") + 0.5
+    xr = x.clone().requires_grad_()
+    ours = softmax_ce.cross_entropy(xr, t, w.to(dtype) if w is not None else None,
+                                    reduction="none", **kw)
+    up = torch.randn(ours.shape, device="cuda")
+    (g,) = torch.autograd.grad(ours, xr, up.to(ours.dtype))
+    with softmax_ce.force_reference():
+        xd = x.double().requires_grad_()
+        ref = softmax_ce.cross_entropy(xd, t, w.double() if w is not None else None,
+                                       reduction="none", **kw)
+        (g_ref,) = torch.autograd.grad(ref, xd, up.double())
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * 0.1 + 1e-7)
+
+
+def test_unaligned_logits_pointer():
+    """Logits whose data pointer is not 16-byte aligned (a storage offset of one element)."""
+    _compiled()
+    base = torch.randn(8 * 1000 + 1, device="cuda")
+    x = base[1:].view(8, 1000)
+    assert x.data_ptr() % 16 != 0
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    xr = x.clone().requires_grad_()  # aligned copy for the reference
+    xo = x.detach().requires_grad_()
+    ours = softmax_ce.cross_entropy(xo, t)
+    ref = F.cross_entropy(xr, t)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(xo.grad, xr.grad)
+    for fn, tfn in ((softmax_ce.softmax, F.softmax), (softmax_ce.log_softmax, F.log_softmax)):
+        torch.testing.assert_close(fn(x, 1), tfn(x, 1))
+
+
+@pytest.mark.parametrize("shape", [(40, 1000), (8, 50257), (3, 5, 17, 4), (129, 4)])
+def test_softmax_shapes(shape):
+    _compiled()
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    g = torch.randn(shape, device="cuda")
+    for fn, tfn in ((softmax_ce.softmax, F.softmax), (softmax_ce.log_softmax, F.log_softmax)):
+        y = fn(x, 1)
+        (gx,) = torch.autograd.grad(y, x, g)
+        y_ref = tfn(x, 1)
+        (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
