@@ -49,7 +49,8 @@ def extensions():
 
     debug = flag("SOFTMAX_CE_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx += ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare", "-Wno-unknown-pragmas", "-Wno-psabi",
+            "-Wno-maybe-uninitialized"]
     sources = sorted(glob.glob("csrc/module.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 

@@ -1,45 +1,74 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (no network needed; PyTorch and nvcc installed): builds the
 # extension for the local GPU, runs the whole test suite on CUDA (parity, gradcheck, opcheck,
-# fullgraph compile, CUDA-graph capture), then the benchmark on CUDA. Logs and the benchmark's
-# JSON go to ${OUT:-gpu_check_out}/. Meant to finish in under 8 minutes on an H100.
+# fullgraph compile, CUDA-graph capture), then the benchmark on CUDA, which prints a table of
+# each implementation's time, GB/s, share of the measured copy bandwidth and peak memory.
+# Logs and the benchmark's JSON go to ${OUT:-gpu_check_out}/. Meant to finish in under 8 minutes
+# on an H100. STEPS picks and orders the steps (default: "build diag tests bench").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+STEPS=${STEPS:-build diag tests bench}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "=== $* ($(( $(date +%s) - t0 ))s)"; }
+failed=0
 
-stamp "GPU and toolchain"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-if [ -z "${CUDA_HOME:-}" ]; then
-  for d in /usr/local/cuda /usr/local/cuda-13.0; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME=$d && break; done
-fi
-inc=$($PY -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
-[ -n "$inc" ] && [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
-arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+build() {
+  stamp "GPU and toolchain"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  ${CXX:-g++} --version | head -1
+  if [ -z "${CUDA_HOME:-}" ]; then
+    for d in /usr/local/cuda /usr/local/cuda-13.0; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME=$d && break; done
+  fi
+  inc=$($PY -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)
+  [ -n "$inc" ] && [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
+  arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+  stamp "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, CUDA_HOME=${CUDA_HOME:-auto})"
+  rm -f softmax_ce/_C*.so
+  if ! SOFTMAX_CE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    grep -E "error" "$OUT/build.log" | head -30
+    stamp "build FAILED"
+    exit 1
+  fi
+  $PY -m softmax_ce info
+}
 
-stamp "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, CUDA_HOME=${CUDA_HOME:-auto})"
-rm -f softmax_ce/_C*.so
-SOFTMAX_CE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-status=$?
-tail -3 "$OUT/build.log"
-if [ $status -ne 0 ]; then grep -E "error" "$OUT/build.log" | head -30; stamp "build FAILED"; exit 1; fi
-$PY -m softmax_ce info
+diag() {
+  stamp "CPU kernels in this process environment (each in its own process)"
+  for env in "" "OMP_NUM_THREADS=1" "ATEN_CPU_CAPABILITY=default"; do
+    for what in ok bad_target; do
+      env $env $PY -X faulthandler -c "
+import torch, softmax_ce
+x = torch.randn(4, 5); t = torch.tensor([0, 1, 2, 3 if '$what' == 'ok' else 9])
+try:
+    print(float(softmax_ce.cross_entropy(x, t)))
+except IndexError as e:
+    print('IndexError raised:', str(e)[:60])
+" > "$OUT/diag.log" 2>&1
+      echo "  [$env] $what: exit $? $(tail -1 "$OUT/diag.log")"
+    done
+  done
+}
 
-stamp "tests on cuda"
-SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q -x -k "cuda and not cpu" -p no:cacheprovider \
-  tests 2>&1 | tee "$OUT/tests.log" | tail -25
-tests=${PIPESTATUS[0]}
+tests() {
+  stamp "tests on cuda"
+  SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q -x -k "cuda and not cpu" -p no:cacheprovider \
+    --durations=8 tests 2>&1 | tee "$OUT/tests.log" | tail -30
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
 
-stamp "benchmark on cuda"
-$PY -m softmax_ce bench --device cuda --repeat ${REPEAT:-10} --output "$OUT/bench_cuda.json" \
-  2> "$OUT/bench_progress.log" | tee "$OUT/bench_cuda.md"
-bench=${PIPESTATUS[0]}
+bench() {
+  stamp "benchmark on cuda"
+  $PY -m softmax_ce bench --device cuda --repeat ${REPEAT:-10} --output "$OUT/bench_cuda.json" \
+    2> "$OUT/bench_progress.log" | tee "$OUT/bench_cuda.md"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
 
-stamp "done: tests exit $tests, bench exit $bench"
-[ $tests -eq 0 ] && [ $bench -eq 0 ]
+for step in $STEPS; do $step; done
+stamp "done (failed=$failed)"
+exit $failed

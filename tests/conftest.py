@@ -23,15 +23,27 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=["compiled", "reference"])
-def impl(request, device):
-    """Runs the test with the compiled kernels, then with the pure-PyTorch reference."""
-    if request.param == "compiled" and ops.implementation(device) != "compiled":
+def _use_implementation(name, device):
+    if name == "compiled" and ops.implementation(device) != "compiled":
         message = f"no compiled kernels for {device}: {softmax_ce.extension_error}"
         if REQUIRE_EXTENSION and device == "cpu":
             pytest.fail(message)
         pytest.skip(message)
-    with ops.force_reference(request.param == "reference"):
+    return ops.force_reference(name == "reference")
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def impl(request, device):
+    """Runs the test with the compiled kernels, then with the pure-PyTorch reference, on each
+    device."""
+    with _use_implementation(request.param, device):
+        yield request.param
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def cpu_impl(request):
+    """As impl, for tests whose tensors live on the CPU."""
+    with _use_implementation(request.param, "cpu"):
         yield request.param
 
 

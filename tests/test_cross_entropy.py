@@ -194,7 +194,7 @@ def test_positional_signature_matches_torch():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["index", "prob"])
-def test_cpu_autocast_dtype(impl, dtype, kind):
+def test_cpu_autocast_dtype(cpu_impl, dtype, kind):
     x = torch.randn(6, 5).to(dtype).requires_grad_()
     t = torch.randint(0, 5, (6,)) if kind == "index" else torch.rand(6, 5).to(dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -56,7 +56,7 @@ EXTENSION_CASES = [
 
 
 @pytest.mark.parametrize("case", CE_CASES, ids=[c[0] for c in CE_CASES])
-def test_cross_entropy_bad_input(impl, case):
+def test_cross_entropy_bad_input(cpu_impl, case):
     name, build, exc, pattern, torch_same = case
     x, t, kw = build()
     before = checksum(x, t, kw.get("weight"))
@@ -69,7 +69,7 @@ def test_cross_entropy_bad_input(impl, case):
 
 
 @pytest.mark.parametrize("case", EXTENSION_CASES, ids=[c[0] for c in EXTENSION_CASES])
-def test_extension_arguments(impl, case):
+def test_extension_arguments(cpu_impl, case):
     name, kw, exc, pattern = case
     with pytest.raises(exc, match=pattern):
         softmax_ce.cross_entropy(_x(4, 5), _t(4), **kw)
@@ -77,7 +77,7 @@ def test_extension_arguments(impl, case):
         softmax_ce.nn.CrossEntropyLoss(**kw)
 
 
-def test_inplace_backward_op_validates_before_writing(impl):
+def test_inplace_backward_op_validates_before_writing(cpu_impl):
     """The in-place backward op with a bad target raises and leaves the logits untouched (no
     partially written gradient)."""
     from softmax_ce import ops
@@ -92,7 +92,7 @@ def test_inplace_backward_op_validates_before_writing(impl):
     assert_unchanged(before, x)
 
 
-def test_target_modified_after_forward_is_caught_by_autograd(impl):
+def test_target_modified_after_forward_is_caught_by_autograd(cpu_impl):
     x = _x(6, 5).requires_grad_()
     t = _t(6)
     loss = softmax_ce.cross_entropy(x, t, inplace_backward=True)
@@ -116,7 +116,7 @@ BCE_CASES = [
 
 
 @pytest.mark.parametrize("case", BCE_CASES, ids=[c[0] for c in BCE_CASES])
-def test_bce_bad_input(impl, case):
+def test_bce_bad_input(cpu_impl, case):
     name, build, exc, pattern, torch_same = case
     x, y, kw = build()
     before = checksum(x, y, kw.get("weight"), kw.get("pos_weight"))
@@ -130,7 +130,7 @@ def test_bce_bad_input(impl, case):
 
 
 @pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
-def test_softmax_bad_input(impl, fn):
+def test_softmax_bad_input(cpu_impl, fn):
     ours, theirs = getattr(softmax_ce, fn), getattr(F, fn)
     for args, exc, pattern in [
         ((_x(4, 5), 2), IndexError, "Dimension out of range"),

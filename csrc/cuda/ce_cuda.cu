@@ -1,8 +1,9 @@
 // CUDA kernels and bindings of the cross-entropy ops (schemas in softmax_ce/ops.py).
 //
 // Rows (inner == 1): a group of GROUP threads per row (GROUP <= 32: part of a warp, several rows
-// per block; GROUP > 32: the whole block), 16-byte loads, one pass over the row with online
-// max/sum, per-row float64 lse. The backward reads the row once and writes the gradient once;
+// per block; GROUP > 32: the whole block), 16-byte loads (kUnroll in flight per thread), one pass
+// over the row with online max/sum, per-row float64 lse. The common case (no soft-capping, no
+// smoothing, class-index target) has its own instantiation (kFast) with a minimal inner loop. The backward reads the row once and writes the gradient once;
 // the true-class term is folded into the per-element formula, so every gradient element is
 // formed in float and rounded once. inner > 1 (e.g. (N, C, H, W)): one thread per position,
 // looping over classes with stride inner (coalesced across positions). No host synchronisation:
@@ -64,11 +65,11 @@ __device__ __forceinline__ acc_t weight_sum(const CeParams& p) {
   return p.w_sum_dev ? *static_cast<const acc_t*>(p.w_sum_dev) : static_cast<acc_t>(p.w_sum_host);
 }
 
-// The loss of one position from its statistics (formulas in row_math.h).
-template <typename T, typename acc_t>
-__device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t pos,
-                                           const T* x_pos, int64_t class_stride,
-                                           const Stats<acc_t>& st, const Cap<acc_t>& cap) {
+// The loss of one position from its statistics (formulas in row_math.h); y and x_y were loaded
+// early by the caller (y = ignore_index when probabilities).
+template <typename acc_t>
+__device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t pos, int64_t y,
+                                           acc_t x_y, const Stats<acc_t>& st) {
   const acc_t log_s = dlog(st.s);
   const double lse = lse_from_stats(st.m, log_s);
   p.lse_out[pos] = lse;
@@ -78,7 +79,6 @@ __device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t
     loss[pos] = ce_prob_loss(st.m, log_s, st.sa, st.d, z, lse);
     return;
   }
-  const int64_t y = load_target(p, pos);
   if (y == p.ignore_index) {
     loss[pos] = acc_t(0);
   } else if (y < 0 || y >= p.C) {
@@ -87,14 +87,15 @@ __device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t
   } else {
     const acc_t* w = static_cast<const acc_t*>(p.weight);
     const acc_t eps = static_cast<acc_t>(p.eps);
-    const acc_t x_y = cap.value(static_cast<acc_t>(x_pos[y * class_stride]));
     loss[pos] = ce_index_loss(st.m, log_s, x_y, w ? w[y] : acc_t(1), st.d, weight_sum<acc_t>(p),
                               eps, static_cast<acc_t>(p.eps / p.C), z, lse);
   }
 }
 
 // Accumulate one visited run of `count` logits (a pack or a single element) into st.
-template <typename T, typename acc_t>
+// kFast (no soft-capping, no smoothing, class-index target): a max, then one exp per element;
+// NaN logits reach the sum (exp(NaN) = NaN) rather than the maximum, which is NaN-blind.
+template <bool kFast, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int count, int64_t c0,
                                            const T* t_row, bool prob, bool dot, const acc_t* w,
                                            const Cap<acc_t>& cap, acc_t eps1, acc_t eps_c) {
@@ -103,9 +104,19 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
 #pragma unroll
   for (int k = 0; k < kVec<T>; ++k) {
     if (k < count) {
-      v[k] = cap.value(static_cast<acc_t>(vals[k]));
-      vm = nan_max(vm, v[k]);
+      v[k] = kFast ? ld(vals[k]) : cap.value(ld(vals[k]));
+      vm = kFast ? fmax(vm, v[k]) : nan_max(vm, v[k]);
     }
+  }
+  if (kFast) {
+    if (vm > st.m) st.rebase(vm);
+    if (st.m > -std::numeric_limits<acc_t>::infinity()) {
+#pragma unroll
+      for (int k = 0; k < kVec<T>; ++k) {
+        if (k < count) st.s += dexp(v[k] - st.m);
+      }
+    }
+    return;
   }
   st.rebase(nan_max(st.m, vm));
 #pragma unroll
@@ -114,14 +125,14 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
       st.add(v[k]);
       if (dot) {
         acc_t coef = w ? w[c0 + k] : acc_t(1);
-        if (prob) coef *= eps1 * static_cast<acc_t>(t_row[c0 + k]) + eps_c;
+        if (prob) coef *= eps1 * ld(t_row[c0 + k]) + eps_c;
         st.add_dot(v[k], coef);
       }
     }
   }
 }
 
-template <typename T, int GROUP, bool kVector>
+template <typename T, int GROUP, bool kFast>
 __global__ void ce_fwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Stats<acc_t> smem[32];
@@ -138,21 +149,29 @@ __global__ void ce_fwd_rows_kernel(CeParams p, bool prob) {
   const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
   const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
   const bool dot = prob || p.eps > 0;
+  // the target and its logit are loaded before the row, so their latency hides behind it
+  int64_t y = p.ignore_index;
+  acc_t x_y = acc_t(0);
+  if (active && tid == 0 && !prob) {
+    y = load_target(p, row);
+    if (y >= 0 && y < C) x_y = cap.value(ld(x[y]));
+  }
   Stats<acc_t> st;
   st.init();
-  row_foreach<T, kVector>(x, active ? C : 0, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
-    accumulate(st, vals, count, c0, t_row, prob, dot, w, cap, eps1, eps_c);
+  row_foreach<T>(x, active ? C : 0, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+    accumulate<kFast>(st, vals, count, c0, t_row, prob, dot, w, cap, eps1, eps_c);
   });
   st = group_reduce<GROUP>(st, smem);
-  if (active && tid == 0) write_loss(p, prob, row, x, 1, st, cap);
+  if (active && tid == 0) write_loss(p, prob, row, y, x_y, st);
 }
 
-template <typename T>
+template <typename T, bool kFast>
 __global__ void ce_fwd_inner_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
+  constexpr int B = 8;  // classes loaded per batch: loads in flight per thread
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
-  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos % I;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
   const T* x = static_cast<const T*>(p.x) + o * C * I + i;
   const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
   const acc_t* w = static_cast<const acc_t*>(p.weight);
@@ -160,19 +179,42 @@ __global__ void ce_fwd_inner_kernel(CeParams p, bool prob) {
   const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
   const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
   const bool dot = prob || p.eps > 0;
+  int64_t y = p.ignore_index;
+  acc_t x_y = acc_t(0);
+  if (!prob) {
+    y = load_target(p, pos);
+    if (y >= 0 && y < C) x_y = cap.value(ld(x[y * I]));
+  }
   Stats<acc_t> st;
   st.init();
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t v = cap.value(static_cast<acc_t>(x[c * I]));
-    st.rebase(nan_max(st.m, v));
-    st.add(v);
-    if (dot) {
-      acc_t coef = w ? w[c] : acc_t(1);
-      if (prob) coef *= eps1 * static_cast<acc_t>(t[c * I]) + eps_c;
-      st.add_dot(v, coef);
+  for (int64_t c0 = 0; c0 < C; c0 += B) {
+    T v[B];
+    const int cnt = C - c0 < B ? static_cast<int>(C - c0) : B;
+#pragma unroll
+    for (int k = 0; k < B; ++k) {
+      if (k < cnt) v[k] = x[(c0 + k) * I];
+    }
+    // a strided batch is processed as one run; t / w are indexed from the base
+#pragma unroll
+    for (int k = 0; k < B; ++k) {
+      if (k < cnt) {
+        const acc_t a = kFast ? ld(v[k]) : cap.value(ld(v[k]));
+        if (kFast) {
+          if (a > st.m) st.rebase(a);
+          if (st.m > -std::numeric_limits<acc_t>::infinity()) st.s += dexp(a - st.m);
+        } else {
+          st.rebase(nan_max(st.m, a));
+          st.add(a);
+          if (dot) {
+            acc_t coef = w ? w[c0 + k] : acc_t(1);
+            if (prob) coef *= eps1 * ld(t[(c0 + k) * I]) + eps_c;
+            st.add_dot(a, coef);
+          }
+        }
+      }
     }
   }
-  write_loss(p, prob, pos, x, I, st, cap);
+  write_loss(p, prob, pos, y, x_y, st);
 }
 
 // Per-position backward coefficients: grad_c = (k p_c - b_c - [c == y] tc) cap'(x_c) with
@@ -218,16 +260,21 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob,
   return cf;
 }
 
-template <typename T, typename acc_t>
+// One gradient element; kFast: no soft-capping, no smoothing, class-index target.
+template <bool kFast, typename T, typename acc_t>
 __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv, int64_t c,
                                               const T* t_c, const acc_t* w, bool prob, bool smooth,
                                               const Cap<acc_t>& cap, acc_t eps1, acc_t eps_c) {
+  if (kFast) {
+    const acc_t g = cf.k * dexp((xv - cf.hi) - cf.lo);
+    return c == cf.y ? g - cf.tc : g;
+  }
   acc_t d;
   const acc_t xs = cap.value_and_derivative(xv, d);
   const acc_t pr = dexp((xs - cf.hi) - cf.lo);
   acc_t b = acc_t(0);
   if (prob) {
-    b = cf.g * (w ? w[c] : acc_t(1)) * (eps1 * static_cast<acc_t>(*t_c) + eps_c);
+    b = cf.g * (w ? w[c] : acc_t(1)) * (eps1 * ld(*t_c) + eps_c);
   } else if (smooth) {
     b = cf.bs * (w ? w[c] : acc_t(1));
   }
@@ -235,7 +282,7 @@ __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv
   return (cf.k * pr - b) * d;
 }
 
-template <typename T, int GROUP, bool kVector>
+template <typename T, int GROUP, bool kFast>
 __global__ void ce_bwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
@@ -255,32 +302,33 @@ __global__ void ce_bwd_rows_kernel(CeParams p, bool prob) {
   acc_t a_prob = acc_t(0);
   if (prob) {  // A = sum_c w_c ((1-eps) t_c + eps/C)
     for (int64_t c = tid; c < n; c += GROUP) {
-      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * static_cast<acc_t>(t_row[c]) + eps_c);
+      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * ld(t_row[c]) + eps_c);
     }
     a_prob = group_sum<GROUP>(a_prob, smem);
   }
   if (!active) return;  // no collective operation below
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, a_prob);
   const bool smooth = p.eps > 0;
-  row_foreach<T, kVector>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+  row_foreach<T>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
     T res[kVec<T>];
 #pragma unroll
     for (int k = 0; k < kVec<T>; ++k) {
       if (k < count) {
-        res[k] = static_cast<T>(grad_element<T>(cf, static_cast<acc_t>(vals[k]), c0 + k,
-                                                t_row + c0 + k, w, prob, smooth, cap, eps1, eps_c));
+        res[k] = to_t<T>(grad_element<kFast>(cf, ld(vals[k]), c0 + k, t_row + c0 + k, w, prob,
+                                           smooth, cap, eps1, eps_c));
       }
     }
     store_pack(out + c0, res, count);
   });
 }
 
-template <typename T>
+template <typename T, bool kFast>
 __global__ void ce_bwd_inner_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
+  constexpr int B = 8;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
-  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos % I;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
   const T* x = static_cast<const T*>(p.x) + o * C * I + i;
   T* out = static_cast<T*>(p.out) + o * C * I + i;
   const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
@@ -291,15 +339,26 @@ __global__ void ce_bwd_inner_kernel(CeParams p, bool prob) {
   acc_t a_prob = acc_t(0);
   if (prob) {
     for (int64_t c = 0; c < C; ++c) {
-      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * static_cast<acc_t>(t[c * I]) + eps_c);
+      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * ld(t[c * I]) + eps_c);
     }
   }
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, a_prob);
   const bool smooth = p.eps > 0;
-  for (int64_t c = 0; c < C; ++c) {
-    out[c * I] = static_cast<T>(grad_element<T>(cf, static_cast<acc_t>(x[c * I]), c,
-                                                prob ? t + c * I : nullptr, w, prob, smooth, cap,
-                                                eps1, eps_c));
+  for (int64_t c0 = 0; c0 < C; c0 += B) {
+    T v[B];
+    const int cnt = C - c0 < B ? static_cast<int>(C - c0) : B;
+#pragma unroll
+    for (int k = 0; k < B; ++k) {  // the whole batch is read before any of it is written
+      if (k < cnt) v[k] = x[(c0 + k) * I];
+    }
+#pragma unroll
+    for (int k = 0; k < B; ++k) {
+      if (k < cnt) {
+        const int64_t c = c0 + k;
+        out[c * I] = to_t<T>(grad_element<kFast>(cf, ld(v[k]), c, prob ? t + c * I : nullptr, w,
+                                               prob, smooth, cap, eps1, eps_c));
+      }
+    }
   }
 }
 
@@ -310,91 +369,62 @@ __global__ void ce_bwd_inner_kernel(CeParams p, bool prob) {
 // Threads per row: a few for narrow rows, a warp up to ~256 packs, then a block.
 inline int row_group(int64_t C, int vec) {
   const int64_t packs = (C + vec - 1) / vec;
-  if (packs <= 1) return 1;
-  if (packs <= 4) return 4;
-  if (packs <= 256) return 32;
+  if (packs <= 8) return 4;
+  if (packs <= 512) return 32;
   if (packs <= 16384) return 256;
   return 1024;
 }
 
-template <typename T, template <typename, int, bool> class K>
-void launch_rows(const CeParams& p, bool prob, bool vector, cudaStream_t stream) {
-  const int group = row_group(p.C, kVec<T>);
-  auto go = [&](auto group_c, auto vec_c) {
+template <typename T, bool kFast>
+void launch_rows(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
+  auto go = [&](auto group_c) {
     constexpr int G = decltype(group_c)::value;
-    constexpr bool VV = decltype(vec_c)::value;
     constexpr int threads = G <= 32 ? 256 : G;
     constexpr int rows = G <= 32 ? 256 / G : 1;
     const int64_t blocks = (p.outer + rows - 1) / rows;
-    K<T, G, VV>::launch(blocks, threads, stream, p, prob);
-  };
-  auto with_vec = [&](auto group_c) {
-    if (vector) {
-      go(group_c, std::true_type{});
+    if (backward) {
+      ce_bwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
     } else {
-      go(group_c, std::false_type{});
+      ce_fwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
     }
   };
-  switch (group) {
-    case 1:
-      return with_vec(std::integral_constant<int, 1>{});
+  switch (row_group(p.C, kVec<T>)) {
     case 4:
-      return with_vec(std::integral_constant<int, 4>{});
+      return go(std::integral_constant<int, 4>{});
     case 32:
-      return with_vec(std::integral_constant<int, 32>{});
+      return go(std::integral_constant<int, 32>{});
     case 256:
-      return with_vec(std::integral_constant<int, 256>{});
+      return go(std::integral_constant<int, 256>{});
     default:
-      return with_vec(std::integral_constant<int, 1024>{});
+      return go(std::integral_constant<int, 1024>{});
   }
 }
 
-template <typename T, int G, bool V>
-struct FwdRows {
-  static void launch(int64_t blocks, int threads, cudaStream_t s, const CeParams& p, bool prob) {
-    ce_fwd_rows_kernel<T, G, V><<<blocks, threads, 0, s>>>(p, prob);
+template <typename T, bool kFast>
+void launch_inner(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
+  const int64_t blocks = (p.outer * p.inner + 255) / 256;
+  if (backward) {
+    ce_bwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+  } else {
+    ce_fwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
   }
-};
-template <typename T, int G, bool V>
-struct BwdRows {
-  static void launch(int64_t blocks, int threads, cudaStream_t s, const CeParams& p, bool prob) {
-    ce_bwd_rows_kernel<T, G, V><<<blocks, threads, 0, s>>>(p, prob);
-  }
-};
-
-inline bool aligned_alike(std::initializer_list<const void*> ptrs) {
-  uintptr_t first = 0;
-  bool have = false;
-  for (const void* ptr : ptrs) {
-    if (!ptr) continue;
-    const uintptr_t r = reinterpret_cast<uintptr_t>(ptr) % 16;
-    if (have && r != first) return false;
-    first = r;
-    have = true;
-  }
-  return true;
 }
 
 template <typename T>
 void launch(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
   if (p.outer == 0 || p.inner == 0) return;
+  const bool fast = !prob && p.softcap <= 0 && p.eps <= 0;
   if (p.inner == 1) {
-    // 16-byte access needs the logits' and the gradient's rows equally aligned (row_foreach
-    // handles each row's unaligned head); probabilities are read element by element
-    const bool vector = aligned_alike({p.x, backward ? p.out : nullptr});
-    if (backward) {
-      launch_rows<T, BwdRows>(p, prob, vector, stream);
+    if (fast) {
+      launch_rows<T, true>(p, prob, backward, stream);
     } else {
-      launch_rows<T, FwdRows>(p, prob, vector, stream);
+      launch_rows<T, false>(p, prob, backward, stream);
     }
   } else {
-    const int64_t n = p.outer * p.inner;
-    const int threads = 256;
-    const int64_t blocks = (n + threads - 1) / threads;
-    if (backward) {
-      ce_bwd_inner_kernel<T><<<blocks, threads, 0, stream>>>(p, prob);
+    if (fast) {
+      launch_inner<T, true>(p, prob, backward, stream);
     } else {
-      ce_fwd_inner_kernel<T><<<blocks, threads, 0, stream>>>(p, prob);
+      launch_inner<T, false>(p, prob, backward, stream);
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -516,7 +546,7 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const
               "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "] on ", logits.device());
   const at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
   const at::Tensor lse_c = lse.contiguous();
-  if (!out.defined()) out = at::empty_like(r.x, at::MemoryFormat::Contiguous);
+  if (!out.defined()) out = empty_aligned_like(r.x);
   r.p.out = out.data_ptr();
   r.p.grad = g.data_ptr();
   r.p.gso = g.stride(0);

@@ -2,8 +2,11 @@
 // alignment handling, NaN-aware online softmax statistics and their warp/block reductions.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -31,6 +34,33 @@ template <typename T>
 struct alignas(16) Pack {
   T v[kVec<T>];
 };
+
+// Loads and stores in the accumulation type, with the hardware conversions for bf16 / fp16.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type ld(T v) {
+  return static_cast<typename AccOf<T>::type>(v);
+}
+template <>
+__device__ __forceinline__ float ld<c10::BFloat16>(c10::BFloat16 v) {
+  return __bfloat162float(__ushort_as_bfloat16(v.x));
+}
+template <>
+__device__ __forceinline__ float ld<c10::Half>(c10::Half v) {
+  return __half2float(__ushort_as_half(v.x));
+}
+
+template <typename T>
+__device__ __forceinline__ T to_t(typename AccOf<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ c10::BFloat16 to_t<c10::BFloat16>(float v) {
+  return c10::BFloat16(__bfloat16_as_ushort(__float2bfloat16_rn(v)), c10::BFloat16::from_bits());
+}
+template <>
+__device__ __forceinline__ c10::Half to_t<c10::Half>(float v) {
+  return c10::Half(__half_as_ushort(__float2half_rn(v)), c10::Half::from_bits());
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t dexp(acc_t x);
@@ -169,33 +199,42 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
 }
 
 // Visit the elements [0, n) of a row split over `nthr` threads: an unaligned head element by
-// element, then 16-byte packs, then the tail. f(const T* vals, int count, int64_t c0). With
-// kVector false every element is visited alone (used when the row pointers of the tensors a
-// kernel reads and writes are not equally aligned).
-template <typename T, bool kVector, typename F>
+// element, then 16-byte packs, then the tail; f(const T* vals, int count, int64_t c0). Packs are
+// loaded kUnroll at a time before any is processed, so that several loads per thread are in
+// flight (a visit may store to the row it reads: the batch is read before anything is written).
+constexpr int kUnroll = 4;
+
+template <typename T, typename F>
 __device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, int nthr, F&& f) {
   constexpr int V = kVec<T>;
-  int64_t head = 0;
-  if constexpr (kVector) {
-    const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(row) / sizeof(T)) % V);
-    head = mis ? (V - mis < n ? V - mis : n) : 0;
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(row) / sizeof(T)) % V);
+  const int64_t head = mis ? (V - mis < n ? V - mis : n) : 0;
+  for (int64_t c = tid; c < head; c += nthr) {
+    const T v = row[c];
+    f(&v, 1, c);
   }
-  for (int64_t c = tid; c < head; c += nthr) f(row + c, 1, c);
-  int64_t done = head;
-  if constexpr (kVector) {
-    const int64_t nvec = (n - head) / V;
-    const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(row + head);
-    for (int64_t i = tid; i < nvec; i += nthr) {
-      const Pack<T> p = packs[i];
-      f(p.v, V, head + i * V);
-    }
-    done = head + nvec * V;
+  const int64_t nvec = (n - head) / V;
+  const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(row + head);
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * static_cast<int64_t>(nthr) < nvec; i += kUnroll * nthr) {
+    Pack<T> p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) p[u] = packs[i + u * nthr];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) f(p[u].v, V, head + (i + u * nthr) * V);
   }
-  for (int64_t c = done + tid; c < n; c += nthr) f(row + c, 1, c);
+  for (; i < nvec; i += nthr) {
+    const Pack<T> p = packs[i];
+    f(p.v, V, head + i * V);
+  }
+  for (int64_t c = head + nvec * V + tid; c < n; c += nthr) {
+    const T v = row[c];
+    f(&v, 1, c);
+  }
 }
 
 // Store `count` values (a whole pack when count == kVec) at dst, which has the alignment the
-// matching row_foreach visit had.
+// matching row_foreach visit had (outputs are allocated with their input's alignment).
 template <typename T>
 __device__ __forceinline__ void store_pack(T* dst, const T* vals, int count) {
   if (count == kVec<T>) {
@@ -206,6 +245,18 @@ __device__ __forceinline__ void store_pack(T* dst, const T* vals, int count) {
   } else {
     for (int k = 0; k < count; ++k) dst[k] = vals[k];
   }
+}
+
+// An uninitialised contiguous tensor shaped like x whose data pointer has x's alignment modulo
+// 16 bytes, so that 16-byte packs of x and of the output line up (x may carry a storage offset).
+inline at::Tensor empty_aligned_like(const at::Tensor& x) {
+  const int64_t es = x.element_size();
+  const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16);
+  if (off == 0 || off % es != 0 || x.numel() == 0) {
+    return at::empty_like(x, at::MemoryFormat::Contiguous);
+  }
+  at::Tensor buf = at::empty({x.numel() + 16 / es}, x.options());
+  return buf.narrow(0, off / es, x.numel()).view(x.sizes());
 }
 
 }  // namespace softmax_ce::cuda

@@ -26,7 +26,28 @@ __device__ __forceinline__ acc_t softmax_value(acc_t x, acc_t m, acc_t log_s, bo
   return log ? lp : dexp(lp);
 }
 
-template <typename T, int GROUP, bool kVector>
+// Row statistics: the maximum (NaN-blind) and the sum of exp; NaN logits reach the sum.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void softmax_accumulate(Stats<acc_t>& st, const T* vals, int count) {
+  acc_t v[kVec<T>];
+  acc_t vm = -std::numeric_limits<acc_t>::infinity();
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (k < count) {
+      v[k] = ld(vals[k]);
+      vm = fmax(vm, v[k]);
+    }
+  }
+  if (vm > st.m) st.rebase(vm);
+  if (st.m > -std::numeric_limits<acc_t>::infinity()) {
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) st.s += dexp(v[k] - st.m);
+    }
+  }
+}
+
+template <typename T, int GROUP>
 __global__ void softmax_fwd_rows_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Stats<acc_t> smem[32];
@@ -40,27 +61,25 @@ __global__ void softmax_fwd_rows_kernel(SoftmaxParams p) {
   T* out = static_cast<T*>(p.out) + (active ? row * C : 0);
   Stats<acc_t> st;
   st.init();
-  row_foreach<T, kVector>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t) {
-    acc_t vm = -std::numeric_limits<acc_t>::infinity();
-    for (int k = 0; k < count; ++k) vm = nan_max(vm, static_cast<acc_t>(vals[k]));
-    st.rebase(nan_max(st.m, vm));
-    for (int k = 0; k < count; ++k) st.add(static_cast<acc_t>(vals[k]));
-  });
+  row_foreach<T>(x, n, tid, GROUP,
+                 [&](const T* vals, int count, int64_t) { softmax_accumulate(st, vals, count); });
   st = group_reduce<GROUP>(st, smem);
-  // a non-finite maximum (a row of -inf, +inf or NaN) makes the row NaN, as torch
+  // a non-finite maximum (a row of -inf, or a +inf) makes the row NaN, as torch; NaN logits
+  // already made the sum NaN
   const acc_t m = finite(st.m) ? st.m : std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t log_s = dlog(st.s);
-  row_foreach<T, kVector>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+  row_foreach<T>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
     T res[kVec<T>];
-    for (int k = 0; k < count; ++k) {
-      res[k] = static_cast<T>(softmax_value(static_cast<acc_t>(vals[k]), m, log_s, p.log));
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) res[k] = to_t<T>(softmax_value(ld(vals[k]), m, log_s, p.log));
     }
     store_pack(out + c0, res, count);
   });
 }
 
 // softmax: gx = y (g - <g, y>);  log_softmax: gx = g - exp(y) sum(g).
-template <typename T, int GROUP, bool kVector>
+template <typename T, int GROUP>
 __global__ void softmax_bwd_rows_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
@@ -74,18 +93,24 @@ __global__ void softmax_bwd_rows_kernel(SoftmaxParams p) {
   const T* g = static_cast<const T*>(p.grad) + (active ? row * C : 0);
   T* out = static_cast<T*>(p.out) + (active ? row * C : 0);
   acc_t s = acc_t(0);
-  row_foreach<T, kVector>(y, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
-    for (int k = 0; k < count; ++k) {
-      const acc_t gv = static_cast<acc_t>(g[c0 + k]);
-      s += p.log ? gv : gv * static_cast<acc_t>(vals[k]);
+  row_foreach<T>(y, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) {
+        const acc_t gv = ld(g[c0 + k]);
+        s += p.log ? gv : gv * ld(vals[k]);
+      }
     }
   });
   s = group_sum<GROUP>(s, smem);
-  row_foreach<T, kVector>(y, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+  row_foreach<T>(y, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
     T res[kVec<T>];
-    for (int k = 0; k < count; ++k) {
-      const acc_t yv = static_cast<acc_t>(vals[k]), gv = static_cast<acc_t>(g[c0 + k]);
-      res[k] = static_cast<T>(p.log ? gv - dexp(yv) * s : yv * (gv - s));
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) {
+        const acc_t yv = ld(vals[k]), gv = ld(g[c0 + k]);
+        res[k] = to_t<T>(p.log ? gv - dexp(yv) * s : yv * (gv - s));
+      }
     }
     store_pack(out + c0, res, count);
   });
@@ -96,20 +121,19 @@ __global__ void softmax_fwd_inner_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
-  const int64_t C = p.C, I = p.inner, base = (pos / I) * C * I + pos % I;
+  const int64_t C = p.C, I = p.inner, o = pos / I, base = o * C * I + (pos - o * I);
   const T* x = static_cast<const T*>(p.x) + base;
   T* out = static_cast<T*>(p.out) + base;
   Stats<acc_t> st;
   st.init();
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t v = static_cast<acc_t>(x[c * I]);
-    st.rebase(nan_max(st.m, v));
-    st.add(v);
+    const T v = x[c * I];
+    softmax_accumulate(st, &v, 1);
   }
   const acc_t m = finite(st.m) ? st.m : std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t log_s = dlog(st.s);
   for (int64_t c = 0; c < C; ++c) {
-    out[c * I] = static_cast<T>(softmax_value(static_cast<acc_t>(x[c * I]), m, log_s, p.log));
+    out[c * I] = to_t<T>(softmax_value(ld(x[c * I]), m, log_s, p.log));
   }
 }
 
@@ -118,18 +142,18 @@ __global__ void softmax_bwd_inner_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
-  const int64_t C = p.C, I = p.inner, base = (pos / I) * C * I + pos % I;
+  const int64_t C = p.C, I = p.inner, o = pos / I, base = o * C * I + (pos - o * I);
   const T* y = static_cast<const T*>(p.y) + base;
   const T* g = static_cast<const T*>(p.grad) + base;
   T* out = static_cast<T*>(p.out) + base;
   acc_t s = acc_t(0);
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t gv = static_cast<acc_t>(g[c * I]);
-    s += p.log ? gv : gv * static_cast<acc_t>(y[c * I]);
+    const acc_t gv = ld(g[c * I]);
+    s += p.log ? gv : gv * ld(y[c * I]);
   }
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t yv = static_cast<acc_t>(y[c * I]), gv = static_cast<acc_t>(g[c * I]);
-    out[c * I] = static_cast<T>(p.log ? gv - dexp(yv) * s : yv * (gv - s));
+    const acc_t yv = ld(y[c * I]), gv = ld(g[c * I]);
+    out[c * I] = to_t<T>(p.log ? gv - dexp(yv) * s : yv * (gv - s));
   }
 }
 
@@ -137,15 +161,14 @@ namespace {
 
 inline int softmax_group(int64_t C, int vec) {
   const int64_t packs = (C + vec - 1) / vec;
-  if (packs <= 1) return 1;
-  if (packs <= 4) return 4;
-  if (packs <= 256) return 32;
+  if (packs <= 8) return 4;
+  if (packs <= 512) return 32;
   if (packs <= 16384) return 256;
   return 1024;
 }
 
 template <typename T, bool kBackward>
-void launch(const SoftmaxParams& p, bool vector, cudaStream_t stream) {
+void launch(const SoftmaxParams& p, cudaStream_t stream) {
   if (p.outer == 0 || p.inner == 0 || p.C == 0) return;
   if (p.inner != 1) {
     const int64_t blocks = (p.outer * p.inner + 255) / 256;
@@ -157,58 +180,47 @@ void launch(const SoftmaxParams& p, bool vector, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  auto go = [&](auto group_c, auto vec_c) {
+  auto go = [&](auto group_c) {
     constexpr int G = decltype(group_c)::value;
-    constexpr bool VV = decltype(vec_c)::value;
     constexpr int threads = G <= 32 ? 256 : G;
     constexpr int rows = G <= 32 ? 256 / G : 1;
     const int64_t blocks = (p.outer + rows - 1) / rows;
     if (kBackward) {
-      softmax_bwd_rows_kernel<T, G, VV><<<blocks, threads, 0, stream>>>(p);
+      softmax_bwd_rows_kernel<T, G><<<blocks, threads, 0, stream>>>(p);
     } else {
-      softmax_fwd_rows_kernel<T, G, VV><<<blocks, threads, 0, stream>>>(p);
-    }
-  };
-  auto with_vec = [&](auto group_c) {
-    if (vector) {
-      go(group_c, std::true_type{});
-    } else {
-      go(group_c, std::false_type{});
+      softmax_fwd_rows_kernel<T, G><<<blocks, threads, 0, stream>>>(p);
     }
   };
   switch (softmax_group(p.C, kVec<T>)) {
-    case 1:
-      with_vec(std::integral_constant<int, 1>{});
-      break;
     case 4:
-      with_vec(std::integral_constant<int, 4>{});
+      go(std::integral_constant<int, 4>{});
       break;
     case 32:
-      with_vec(std::integral_constant<int, 32>{});
+      go(std::integral_constant<int, 32>{});
       break;
     case 256:
-      with_vec(std::integral_constant<int, 256>{});
+      go(std::integral_constant<int, 256>{});
       break;
     default:
-      with_vec(std::integral_constant<int, 1024>{});
+      go(std::integral_constant<int, 1024>{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool kBackward>
-void dispatch(const SoftmaxParams& p, at::ScalarType st, bool vector) {
+void dispatch(const SoftmaxParams& p, at::ScalarType dtype) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (st) {
+  switch (dtype) {
     case at::kDouble:
-      return launch<double, kBackward>(p, vector, stream);
+      return launch<double, kBackward>(p, stream);
     case at::kFloat:
-      return launch<float, kBackward>(p, vector, stream);
+      return launch<float, kBackward>(p, stream);
     case at::kBFloat16:
-      return launch<c10::BFloat16, kBackward>(p, vector, stream);
+      return launch<c10::BFloat16, kBackward>(p, stream);
     case at::kHalf:
-      return launch<c10::Half, kBackward>(p, vector, stream);
+      return launch<c10::Half, kBackward>(p, stream);
     default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, "softmax_ce: unsupported dtype ", st);
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "softmax_ce: unsupported dtype ", dtype);
   }
 }
 
@@ -221,11 +233,10 @@ at::Tensor softmax_fwd(const at::Tensor& x, bool log) {
   check_3d(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_aligned_like(xc);
   SoftmaxParams p{xc.data_ptr(), nullptr, nullptr, out.data_ptr(), x.size(0), x.size(1),
                   x.size(2), log};
-  const bool vector = reinterpret_cast<uintptr_t>(p.x) % 16 == reinterpret_cast<uintptr_t>(p.out) % 16;
-  dispatch<false>(p, x.scalar_type(), vector);
+  dispatch<false>(p, x.scalar_type());
   return out;
 }
 
@@ -236,12 +247,10 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, bool log) 
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor yc = y.contiguous();
   const at::Tensor gc = grad_y.to(y.scalar_type()).contiguous();
-  at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_aligned_like(yc);
   SoftmaxParams p{nullptr, yc.data_ptr(), gc.data_ptr(), out.data_ptr(), y.size(0), y.size(1),
                   y.size(2), log};
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p.y) % 16;
-  const bool vector = a == reinterpret_cast<uintptr_t>(p.out) % 16;
-  dispatch<true>(p, y.scalar_type(), vector);
+  dispatch<true>(p, y.scalar_type());
   return out;
 }
 
