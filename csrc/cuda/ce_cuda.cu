@@ -133,7 +133,7 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
 }
 
 template <typename T, int GROUP, bool kFast>
-__global__ void ce_fwd_rows_kernel(CeParams p, bool prob) {
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Stats<acc_t> smem[32];
   constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
@@ -166,7 +166,7 @@ __global__ void ce_fwd_rows_kernel(CeParams p, bool prob) {
 }
 
 template <typename T, bool kFast>
-__global__ void ce_fwd_inner_kernel(CeParams p, bool prob) {
+__global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   constexpr int B = 8;  // classes loaded per batch: loads in flight per thread
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -283,7 +283,7 @@ __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv
 }
 
 template <typename T, int GROUP, bool kFast>
-__global__ void ce_bwd_rows_kernel(CeParams p, bool prob) {
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
   constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
@@ -323,7 +323,7 @@ __global__ void ce_bwd_rows_kernel(CeParams p, bool prob) {
 }
 
 template <typename T, bool kFast>
-__global__ void ce_bwd_inner_kernel(CeParams p, bool prob) {
+__global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   constexpr int B = 8;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

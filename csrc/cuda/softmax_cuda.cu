@@ -48,7 +48,7 @@ __device__ __forceinline__ void softmax_accumulate(Stats<acc_t>& st, const T* va
 }
 
 template <typename T, int GROUP>
-__global__ void softmax_fwd_rows_kernel(SoftmaxParams p) {
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) softmax_fwd_rows_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Stats<acc_t> smem[32];
   constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
@@ -80,7 +80,7 @@ __global__ void softmax_fwd_rows_kernel(SoftmaxParams p) {
 
 // softmax: gx = y (g - <g, y>);  log_softmax: gx = g - exp(y) sum(g).
 template <typename T, int GROUP>
-__global__ void softmax_bwd_rows_kernel(SoftmaxParams p) {
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) softmax_bwd_rows_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
   constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
@@ -117,7 +117,7 @@ __global__ void softmax_bwd_rows_kernel(SoftmaxParams p) {
 }
 
 template <typename T>
-__global__ void softmax_fwd_inner_kernel(SoftmaxParams p) {
+__global__ void __launch_bounds__(256) softmax_fwd_inner_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
@@ -138,7 +138,7 @@ __global__ void softmax_fwd_inner_kernel(SoftmaxParams p) {
 }
 
 template <typename T>
-__global__ void softmax_bwd_inner_kernel(SoftmaxParams p) {
+__global__ void __launch_bounds__(256) softmax_bwd_inner_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
