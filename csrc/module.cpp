@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "cpu/bindings.h"
 #include "cpu/kernels.h"
 
 #ifdef SOFTMAX_CE_WITH_CUDA
@@ -46,7 +47,13 @@ PyObject* cuda_take_target_error(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* empty_cache(PyObject*, PyObject*) {
+  softmax_ce::cpu::empty_output_cache();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"empty_cache", empty_cache, METH_NOARGS, "Release the CPU kernels' cached output buffers."},
     {"cuda_take_target_error", cuda_take_target_error, METH_NOARGS,
      "The out-of-range class index recorded by the CUDA kernels (or None), cleared."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU kernels in use."},

@@ -58,6 +58,17 @@ def cuda_take_target_error():
     return _C.cuda_take_target_error()
 
 
+def empty_cache() -> None:
+    """Release the output buffers the CPU kernels keep for reuse.
+
+    The backward's gradient (and softmax's output) are large, freshly allocated buffers; freed
+    ones are kept (at most four) and reused by later calls, so that a training loop does not pay
+    first-touch page faults on every step. This returns them to the system.
+    """
+    if _C is not None:
+        _C.empty_cache()
+
+
 def build_info() -> dict:
     """What the extension was built with and which implementation serves each device."""
     info = {
@@ -84,6 +95,7 @@ __all__ = [
     "force_reference",
     "build_info",
     "cuda_take_target_error",
+    "empty_cache",
     "SoftmaxFunction",
     "LogSoftmaxFunction",
     "SoftmaxCrossEntropyFunction",

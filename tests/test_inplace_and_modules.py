@@ -123,3 +123,24 @@ def test_implementation_query():
     assert softmax_ce.implementation("meta") == "reference"
     info = softmax_ce.build_info()
     assert info["cpu"] == softmax_ce.implementation("cpu")
+
+
+def test_output_cache_never_aliases_live_tensors(cpu_impl):
+    """Large outputs come from a cache of freed buffers: live ones are never handed out twice."""
+    torch.manual_seed(0)
+    grads = []
+    for _ in range(3):
+        x = torch.randn(1024, 2048, requires_grad=True)  # 8 MB: above the cache's threshold
+        t = torch.randint(0, 2048, (1024,))
+        softmax_ce.cross_entropy(x, t).backward()
+        expected = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
+        torch.testing.assert_close(x.grad, expected)
+        grads.append(x.grad)
+    assert len({g.data_ptr() for g in grads}) == 3
+    y = softmax_ce.softmax(torch.randn(1024, 2048), 1)
+    assert y.data_ptr() not in {g.data_ptr() for g in grads}
+    del grads
+    softmax_ce.empty_cache()
+    x = torch.randn(1024, 2048, requires_grad=True)
+    softmax_ce.cross_entropy(x, torch.zeros(1024, dtype=torch.long)).backward()
+    assert torch.isfinite(x.grad).all()

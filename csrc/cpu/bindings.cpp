@@ -1,8 +1,14 @@
 #include "bindings.h"
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -17,22 +23,95 @@ void check_logits(const at::Tensor& logits, const char* name) {
   (void)to_dtype(logits, name);
 }
 
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096;
-  constexpr size_t kMinBytes = size_t(4) << 20;
-  if (out.nbytes() >= kMinBytes) {
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(out.data_ptr()) + kPage - 1) & ~(kPage - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(out.data_ptr()) + out.nbytes()) & ~(kPage - 1);
-    if (end > begin) {
-      // Advice only: if the kernel refuses (THP disabled), 4 KB pages serve as before.
-      (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+namespace {
+
+// A small cache of large output buffers. The one N x C output of a backward (the gradient) and
+// the outputs of softmax are freshly allocated on every call; first-touch page faults on a fresh
+// buffer cost more than the kernel's own traffic (DESIGN.md, Performance model), and on virtual
+// machines whose freed memory is reported back to the host (virtio free page reporting, seen on
+// the build machine) a fresh buffer can cost ten times more again. So freed output buffers are
+// kept (at most kSlots of them) and handed out again when a new output fits, like a caching
+// allocator. softmax_ce.empty_cache() releases them. New buffers are 2 MB aligned and advised
+// into transparent huge pages (Linux, THP in madvise mode).
+class OutputCache {
+ public:
+  static constexpr size_t kSlots = 4;
+  static constexpr size_t kAlign = size_t(2) << 20;
+
+  void* take(size_t bytes, size_t* capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      size_t best = blocks_.size();
+      for (size_t i = 0; i < blocks_.size(); ++i) {
+        const size_t b = blocks_[i].second;
+        if (b >= bytes && b <= 2 * bytes && (best == blocks_.size() || b < blocks_[best].second)) {
+          best = i;
+        }
+      }
+      if (best != blocks_.size()) {
+        void* ptr = blocks_[best].first;
+        *capacity = blocks_[best].second;
+        blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(best));
+        return ptr;
+      }
     }
-  }
+    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, kAlign, rounded) == 0 && ptr != nullptr,
+                "softmax_ce: out of memory allocating ", rounded, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    (void)madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: 4 KB pages serve if refused
 #endif
-  return out;
+    *capacity = rounded;
+    return ptr;
+  }
+
+  void give(void* ptr, size_t capacity) {
+    void* evicted = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks_.emplace_back(ptr, capacity);
+      if (blocks_.size() > kSlots) {
+        evicted = blocks_.front().first;
+        blocks_.erase(blocks_.begin());
+      }
+    }
+    std::free(evicted);
+  }
+
+  void clear() {
+    std::vector<std::pair<void*, size_t>> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks.swap(blocks_);
+    }
+    for (auto& b : blocks) std::free(b.first);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> blocks_;
+};
+
+OutputCache& output_cache() {
+  static OutputCache* cache = new OutputCache();  // never destroyed: tensors may outlive exit
+  return *cache;
 }
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kMinBytes = size_t(4) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes < kMinBytes) return at::empty(sizes, options);
+  size_t capacity = 0;
+  void* ptr = output_cache().take(bytes, &capacity);
+  return at::from_blob(
+      ptr, sizes, [capacity](void* p) { output_cache().give(p, capacity); }, options);
+}
+
+void empty_output_cache() { output_cache().clear(); }
 
 int64_t work_units(int64_t outer, int64_t inner, int64_t lanes) {
   return inner == 1 ? outer : outer * ((inner + lanes - 1) / lanes);

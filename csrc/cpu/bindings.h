@@ -33,10 +33,12 @@ inline at::ScalarType acc_type(at::ScalarType t) {
 // [outer, C, inner] logits, on the CPU.
 void check_logits(const at::Tensor& logits, const char* name = "logits");
 
-// A fresh output of the logits' size. Large buffers are advised into transparent huge pages
-// (Linux, THP in madvise mode): first-touch page faults on 4 KB pages cost more than the
-// kernel's own traffic (DESIGN.md, Performance model).
+// An uninitialised contiguous output (the gradient, softmax's output). Large ones come from a
+// small cache of freed output buffers, so that a warm loop pays no page faults (bindings.cpp).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Releases the cached output buffers (softmax_ce.empty_cache()).
+void empty_output_cache();
 
 // Work units of a [outer, C, inner] kernel: rows when inner == 1, else blocks of lanes.
 int64_t work_units(int64_t outer, int64_t inner, int64_t lanes);
