@@ -28,6 +28,16 @@
 
 namespace softmax_ce {
 
+// The accumulation type: double for double, float for float, bfloat16 and float16.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
 // Overloads that pick the float or double C function on host and device alike.
 SCE_HD float sce_tanh(float v) { return tanhf(v); }
 SCE_HD double sce_tanh(double v) { return tanh(v); }

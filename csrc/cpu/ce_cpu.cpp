@@ -2,6 +2,7 @@
 // output allocation, and the parallel launch of the ISA kernels.
 #include <torch/library.h>
 
+#include "../common/ce_entry_points.h"
 #include "bindings.h"
 
 namespace softmax_ce::cpu {
@@ -120,68 +121,17 @@ void check_all_targets(const at::Tensor& target, int64_t C, int64_t ignore_index
   }
 }
 
-void backward_inplace(const at::Tensor& grad_loss, const at::Tensor& logits,
-                      const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                      const at::Tensor& lse, int64_t ignore_index, double eps, double z,
-                      double softcap, bool prob) {
+// An in-place backward must not leave a partly overwritten input behind when it raises.
+void validate_inplace(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
+                      bool prob) {
   check_logits(logits);
   if (!prob) check_all_targets(target, logits.size(1), ignore_index);
-  if (logits.is_contiguous()) {
-    backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, logits);
-  } else {
-    logits.copy_(backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap,
-                          prob, at::Tensor()));
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> ce_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                          const std::optional<at::Tensor>& weight,
-                                          int64_t ignore_index, double eps, double z,
-                                          double softcap) {
-  return forward(logits, target, weight, ignore_index, eps, z, softcap, false);
-}
-
-at::Tensor ce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                  int64_t ignore_index, double eps, double z, double softcap) {
-  return backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false,
-                  at::Tensor());
-}
-
-void ce_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-             double eps, double z, double softcap) {
-  backward_inplace(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false);
-}
-
-std::tuple<at::Tensor, at::Tensor> ce_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                               const std::optional<at::Tensor>& weight,
-                                               double eps, double z, double softcap) {
-  return forward(logits, target, weight, -100, eps, z, softcap, true);
-}
-
-at::Tensor ce_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
-                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                       const at::Tensor& lse, double eps, double z, double softcap) {
-  return backward(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true,
-                  at::Tensor());
-}
-
-void ce_prob_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, double eps,
-                  double z, double softcap) {
-  backward_inplace(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
-  m.impl("ce_fwd", &ce_fwd);
-  m.impl("ce_bwd", &ce_bwd);
-  m.impl("ce_bwd_", &ce_bwd_);
-  m.impl("ce_prob_fwd", &ce_prob_fwd);
-  m.impl("ce_prob_bwd", &ce_prob_bwd);
-  m.impl("ce_prob_bwd_", &ce_prob_bwd_);
+  CeEntryPoints<&forward, &backward, &validate_inplace>::register_all(m);
 }
 
 }  // namespace softmax_ce::cpu

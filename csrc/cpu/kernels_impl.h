@@ -31,15 +31,6 @@ namespace SCE_ISA_NS {
 
 using at::vec::Vectorized;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // Loads and stores of two accumulator vectors (2L elements of T); the _n variants touch only the
 // first n (< 2L) elements and fill the rest with zeros.
 template <typename T, typename Enable = void>

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../common/ce_entry_points.h"
 #include "device_common.cuh"
 
 namespace softmax_ce::cuda {
@@ -53,6 +54,22 @@ struct CeParams {
   const double* lse_in;
   const void* grad;
   int64_t gso, gsi;
+};
+
+// Per-launch constants of the formulas in row_math.h.
+template <typename acc_t>
+struct CeConsts {
+  Cap<acc_t> cap;
+  acc_t eps1, eps_c;
+  const acc_t* w;
+  bool dot, smooth;
+  __device__ __forceinline__ CeConsts(const CeParams& p, bool prob)
+      : cap(p.softcap),
+        eps1(static_cast<acc_t>(1 - p.eps)),
+        eps_c(p.C > 0 ? static_cast<acc_t>(p.eps / p.C) : acc_t(0)),
+        w(static_cast<const acc_t*>(p.weight)),
+        dot(prob || p.eps > 0),
+        smooth(p.eps > 0) {}
 };
 
 __device__ __forceinline__ int64_t load_target(const CeParams& p, int64_t pos) {
@@ -97,14 +114,13 @@ __device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t
 // NaN logits reach the sum (exp(NaN) = NaN) rather than the maximum, which is NaN-blind.
 template <bool kFast, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int count, int64_t c0,
-                                           const T* t_row, bool prob, bool dot, const acc_t* w,
-                                           const Cap<acc_t>& cap, acc_t eps1, acc_t eps_c) {
+                                           const T* t_row, bool prob, const CeConsts<acc_t>& kc) {
   acc_t v[kVec<T>];
   acc_t vm = -std::numeric_limits<acc_t>::infinity();
 #pragma unroll
   for (int k = 0; k < kVec<T>; ++k) {
     if (k < count) {
-      v[k] = kFast ? ld(vals[k]) : cap.value(ld(vals[k]));
+      v[k] = kFast ? ld(vals[k]) : kc.cap.value(ld(vals[k]));
       vm = kFast ? fmax(vm, v[k]) : nan_max(vm, v[k]);
     }
   }
@@ -123,9 +139,9 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
   for (int k = 0; k < kVec<T>; ++k) {
     if (k < count) {
       st.add(v[k]);
-      if (dot) {
-        acc_t coef = w ? w[c0 + k] : acc_t(1);
-        if (prob) coef *= eps1 * ld(t_row[c0 + k]) + eps_c;
+      if (kc.dot) {
+        acc_t coef = kc.w ? kc.w[c0 + k] : acc_t(1);
+        if (prob) coef *= kc.eps1 * ld(t_row[c0 + k]) + kc.eps_c;
         st.add_dot(v[k], coef);
       }
     }
@@ -136,33 +152,26 @@ template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Stats<acc_t> smem[32];
-  constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
-  const int tid = GROUP <= 32 ? static_cast<int>(threadIdx.x) % GROUP : threadIdx.x;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS +
-                      (GROUP <= 32 ? static_cast<int>(threadIdx.x) / GROUP : 0);
-  const bool active = row < p.outer;
-  const int64_t C = p.C;
-  const T* x = static_cast<const T*>(p.x) + (active ? row * C : 0);
-  const T* t_row = prob ? static_cast<const T*>(p.prob) + (active ? row * C : 0) : nullptr;
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const Cap<acc_t> cap(p.softcap);
-  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
-  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
-  const bool dot = prob || p.eps > 0;
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  const int64_t C = p.C, row = slot.row;
+  const T* x = static_cast<const T*>(p.x) + (slot.active ? row * C : 0);
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
   // the target and its logit are loaded before the row, so their latency hides behind it
   int64_t y = p.ignore_index;
   acc_t x_y = acc_t(0);
-  if (active && tid == 0 && !prob) {
+  if (slot.active && slot.tid == 0 && !prob) {
     y = load_target(p, row);
-    if (y >= 0 && y < C) x_y = cap.value(ld(x[y]));
+    if (y >= 0 && y < C) x_y = kc.cap.value(ld(x[y]));
   }
   Stats<acc_t> st;
   st.init();
-  row_foreach<T>(x, active ? C : 0, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
-    accumulate<kFast>(st, vals, count, c0, t_row, prob, dot, w, cap, eps1, eps_c);
-  });
+  row_foreach<T>(x, slot.active ? C : 0, slot.tid, GROUP,
+                 [&](const T* vals, int count, int64_t c0) {
+                   accumulate<kFast>(st, vals, count, c0, t_row, prob, kc);
+                 });
   st = group_reduce<GROUP>(st, smem);
-  if (active && tid == 0) write_loss(p, prob, row, y, x_y, st);
+  if (slot.active && slot.tid == 0) write_loss(p, prob, row, y, x_y, st);
 }
 
 template <typename T, bool kFast>
@@ -174,16 +183,12 @@ __global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob
   const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
   const T* x = static_cast<const T*>(p.x) + o * C * I + i;
   const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const Cap<acc_t> cap(p.softcap);
-  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
-  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
-  const bool dot = prob || p.eps > 0;
+  const CeConsts<acc_t> kc(p, prob);
   int64_t y = p.ignore_index;
   acc_t x_y = acc_t(0);
   if (!prob) {
     y = load_target(p, pos);
-    if (y >= 0 && y < C) x_y = cap.value(ld(x[y * I]));
+    if (y >= 0 && y < C) x_y = kc.cap.value(ld(x[y * I]));
   }
   Stats<acc_t> st;
   st.init();
@@ -198,16 +203,16 @@ __global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob
 #pragma unroll
     for (int k = 0; k < B; ++k) {
       if (k < cnt) {
-        const acc_t a = kFast ? ld(v[k]) : cap.value(ld(v[k]));
+        const acc_t a = kFast ? ld(v[k]) : kc.cap.value(ld(v[k]));
         if (kFast) {
           if (a > st.m) st.rebase(a);
           if (st.m > -std::numeric_limits<acc_t>::infinity()) st.s += dexp(a - st.m);
         } else {
           st.rebase(nan_max(st.m, a));
           st.add(a);
-          if (dot) {
-            acc_t coef = w ? w[c0 + k] : acc_t(1);
-            if (prob) coef *= eps1 * ld(t[(c0 + k) * I]) + eps_c;
+          if (kc.dot) {
+            acc_t coef = kc.w ? kc.w[c0 + k] : acc_t(1);
+            if (prob) coef *= kc.eps1 * ld(t[(c0 + k) * I]) + kc.eps_c;
             st.add_dot(a, coef);
           }
         }
@@ -263,20 +268,19 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob,
 // One gradient element; kFast: no soft-capping, no smoothing, class-index target.
 template <bool kFast, typename T, typename acc_t>
 __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv, int64_t c,
-                                              const T* t_c, const acc_t* w, bool prob, bool smooth,
-                                              const Cap<acc_t>& cap, acc_t eps1, acc_t eps_c) {
+                                              const T* t_c, bool prob, const CeConsts<acc_t>& kc) {
   if (kFast) {
     const acc_t g = cf.k * dexp((xv - cf.hi) - cf.lo);
     return c == cf.y ? g - cf.tc : g;
   }
   acc_t d;
-  const acc_t xs = cap.value_and_derivative(xv, d);
+  const acc_t xs = kc.cap.value_and_derivative(xv, d);
   const acc_t pr = dexp((xs - cf.hi) - cf.lo);
   acc_t b = acc_t(0);
   if (prob) {
-    b = cf.g * (w ? w[c] : acc_t(1)) * (eps1 * ld(*t_c) + eps_c);
-  } else if (smooth) {
-    b = cf.bs * (w ? w[c] : acc_t(1));
+    b = cf.g * (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(*t_c) + kc.eps_c);
+  } else if (kc.smooth) {
+    b = cf.bs * (kc.w ? kc.w[c] : acc_t(1));
   }
   if (c == cf.y) b += cf.tc;
   return (cf.k * pr - b) * d;
@@ -286,36 +290,28 @@ template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
-  constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
-  const int tid = GROUP <= 32 ? static_cast<int>(threadIdx.x) % GROUP : threadIdx.x;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS +
-                      (GROUP <= 32 ? static_cast<int>(threadIdx.x) / GROUP : 0);
-  const bool active = row < p.outer;
-  const int64_t C = p.C, n = active ? C : 0;
-  const T* x = static_cast<const T*>(p.x) + (active ? row * C : 0);
-  T* out = static_cast<T*>(p.out) + (active ? row * C : 0);
-  const T* t_row = prob ? static_cast<const T*>(p.prob) + (active ? row * C : 0) : nullptr;
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const Cap<acc_t> cap(p.softcap);
-  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
-  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  const int64_t C = p.C, row = slot.row, n = slot.active ? C : 0;
+  const T* x = static_cast<const T*>(p.x) + (slot.active ? row * C : 0);
+  T* out = static_cast<T*>(p.out) + (slot.active ? row * C : 0);
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
   acc_t a_prob = acc_t(0);
   if (prob) {  // A = sum_c w_c ((1-eps) t_c + eps/C)
-    for (int64_t c = tid; c < n; c += GROUP) {
-      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * ld(t_row[c]) + eps_c);
+    for (int64_t c = slot.tid; c < n; c += GROUP) {
+      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t_row[c]) + kc.eps_c);
     }
     a_prob = group_sum<GROUP>(a_prob, smem);
   }
-  if (!active) return;  // no collective operation below
+  if (!slot.active) return;  // no collective operation below
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, a_prob);
-  const bool smooth = p.eps > 0;
-  row_foreach<T>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
+  row_foreach<T>(x, n, slot.tid, GROUP, [&](const T* vals, int count, int64_t c0) {
     T res[kVec<T>];
 #pragma unroll
     for (int k = 0; k < kVec<T>; ++k) {
       if (k < count) {
-        res[k] = to_t<T>(grad_element<kFast>(cf, ld(vals[k]), c0 + k, t_row + c0 + k, w, prob,
-                                           smooth, cap, eps1, eps_c));
+        res[k] = to_t<T>(
+            grad_element<kFast>(cf, ld(vals[k]), c0 + k, t_row + c0 + k, prob, kc));
       }
     }
     store_pack(out + c0, res, count);
@@ -332,18 +328,14 @@ __global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob
   const T* x = static_cast<const T*>(p.x) + o * C * I + i;
   T* out = static_cast<T*>(p.out) + o * C * I + i;
   const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
-  const acc_t* w = static_cast<const acc_t*>(p.weight);
-  const Cap<acc_t> cap(p.softcap);
-  const acc_t eps1 = static_cast<acc_t>(1 - p.eps);
-  const acc_t eps_c = C > 0 ? static_cast<acc_t>(p.eps / C) : acc_t(0);
+  const CeConsts<acc_t> kc(p, prob);
   acc_t a_prob = acc_t(0);
   if (prob) {
     for (int64_t c = 0; c < C; ++c) {
-      a_prob += (w ? w[c] : acc_t(1)) * (eps1 * ld(t[c * I]) + eps_c);
+      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
     }
   }
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, a_prob);
-  const bool smooth = p.eps > 0;
   for (int64_t c0 = 0; c0 < C; c0 += B) {
     T v[B];
     const int cnt = C - c0 < B ? static_cast<int>(C - c0) : B;
@@ -355,8 +347,8 @@ __global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob
     for (int k = 0; k < B; ++k) {
       if (k < cnt) {
         const int64_t c = c0 + k;
-        out[c * I] = to_t<T>(grad_element<kFast>(cf, ld(v[k]), c, prob ? t + c * I : nullptr, w,
-                                               prob, smooth, cap, eps1, eps_c));
+        out[c * I] = to_t<T>(grad_element<kFast>(cf, ld(v[k]), c, prob ? t + c * I : nullptr,
+                                                 prob, kc));
       }
     }
   }
@@ -379,9 +371,8 @@ template <typename T, bool kFast>
 void launch_rows(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
   auto go = [&](auto group_c) {
     constexpr int G = decltype(group_c)::value;
-    constexpr int threads = G <= 32 ? 256 : G;
-    constexpr int rows = G <= 32 ? 256 / G : 1;
-    const int64_t blocks = (p.outer + rows - 1) / rows;
+    constexpr int threads = RowSlot<G>::kThreads;
+    const int64_t blocks = (p.outer + RowSlot<G>::kRows - 1) / RowSlot<G>::kRows;
     if (backward) {
       ce_bwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
     } else {
@@ -556,66 +547,13 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const
   return out;
 }
 
-void backward_inplace(const at::Tensor& grad_loss, const at::Tensor& logits,
-                      const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                      const at::Tensor& lse, int64_t ignore_index, double eps, double z,
-                      double softcap, bool prob) {
-  if (logits.is_contiguous()) {
-    backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, logits);
-  } else {
-    logits.copy_(backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap,
-                          prob, at::Tensor()));
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> ce_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                          const std::optional<at::Tensor>& weight,
-                                          int64_t ignore_index, double eps, double z,
-                                          double softcap) {
-  return forward(logits, target, weight, ignore_index, eps, z, softcap, false);
-}
-
-at::Tensor ce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                  const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                  int64_t ignore_index, double eps, double z, double softcap) {
-  return backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false,
-                  at::Tensor());
-}
-
-void ce_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-             const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-             double eps, double z, double softcap) {
-  backward_inplace(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, false);
-}
-
-std::tuple<at::Tensor, at::Tensor> ce_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
-                                               const std::optional<at::Tensor>& weight,
-                                               double eps, double z, double softcap) {
-  return forward(logits, target, weight, -100, eps, z, softcap, true);
-}
-
-at::Tensor ce_prob_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
-                       const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                       const at::Tensor& lse, double eps, double z, double softcap) {
-  return backward(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true,
-                  at::Tensor());
-}
-
-void ce_prob_bwd_(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                  const std::optional<at::Tensor>& weight, const at::Tensor& lse, double eps,
-                  double z, double softcap) {
-  backward_inplace(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true);
-}
+// Nothing to check on the host: an out-of-range class index is handled on the device.
+void validate_inplace(const at::Tensor&, const at::Tensor&, int64_t, bool) {}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CUDA, m) {
-  m.impl("ce_fwd", &ce_fwd);
-  m.impl("ce_bwd", &ce_bwd);
-  m.impl("ce_bwd_", &ce_bwd_);
-  m.impl("ce_prob_fwd", &ce_prob_fwd);
-  m.impl("ce_prob_bwd", &ce_prob_bwd);
-  m.impl("ce_prob_bwd_", &ce_prob_bwd_);
+  CeEntryPoints<&forward, &backward, &validate_inplace>::register_all(m);
 }
 
 }  // namespace softmax_ce::cuda

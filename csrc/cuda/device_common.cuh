@@ -17,15 +17,6 @@
 
 namespace softmax_ce::cuda {
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // Elements of T per 16-byte load.
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));
@@ -132,6 +123,23 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t shfl_xor(acc_t v, int offset, int width) {
   return __shfl_xor_sync(0xffffffffu, v, offset, width);
 }
+
+// The row of [outer, C] a thread of a row kernel works on: GROUP threads per row, GROUP <= 32
+// being part of a warp (kRows rows per 256-thread block), GROUP > 32 the whole block.
+template <int GROUP>
+struct RowSlot {
+  static constexpr int kThreads = GROUP <= 32 ? 256 : GROUP;
+  static constexpr int kRows = GROUP <= 32 ? 256 / GROUP : 1;
+  int tid;
+  int64_t row;
+  bool active;
+  __device__ __forceinline__ explicit RowSlot(int64_t outer) {
+    const int t = static_cast<int>(threadIdx.x);
+    tid = GROUP <= 32 ? t % GROUP : t;
+    row = static_cast<int64_t>(blockIdx.x) * kRows + (GROUP <= 32 ? t / GROUP : 0);
+    active = row < outer;
+  }
+};
 
 // Reduce Stats over a group of GROUP threads (power of two). GROUP <= 32: the group is part of a
 // warp; GROUP > 32: the group is the whole block (blockDim.x == GROUP), via shared memory.

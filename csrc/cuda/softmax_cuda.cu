@@ -51,14 +51,11 @@ template <typename T, int GROUP>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) softmax_fwd_rows_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ Stats<acc_t> smem[32];
-  constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
-  const int tid = GROUP <= 32 ? static_cast<int>(threadIdx.x) % GROUP : threadIdx.x;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS +
-                      (GROUP <= 32 ? static_cast<int>(threadIdx.x) / GROUP : 0);
-  const bool active = row < p.outer;
-  const int64_t C = p.C, n = active ? C : 0;
-  const T* x = static_cast<const T*>(p.x) + (active ? row * C : 0);
-  T* out = static_cast<T*>(p.out) + (active ? row * C : 0);
+  const RowSlot<GROUP> slot(p.outer);
+  const int64_t C = p.C, n = slot.active ? C : 0, off = slot.active ? slot.row * C : 0;
+  const int tid = slot.tid;
+  const T* x = static_cast<const T*>(p.x) + off;
+  T* out = static_cast<T*>(p.out) + off;
   Stats<acc_t> st;
   st.init();
   row_foreach<T>(x, n, tid, GROUP,
@@ -83,15 +80,12 @@ template <typename T, int GROUP>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) softmax_bwd_rows_kernel(SoftmaxParams p) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
-  constexpr int ROWS = GROUP <= 32 ? 256 / GROUP : 1;
-  const int tid = GROUP <= 32 ? static_cast<int>(threadIdx.x) % GROUP : threadIdx.x;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS +
-                      (GROUP <= 32 ? static_cast<int>(threadIdx.x) / GROUP : 0);
-  const bool active = row < p.outer;
-  const int64_t C = p.C, n = active ? C : 0;
-  const T* y = static_cast<const T*>(p.y) + (active ? row * C : 0);
-  const T* g = static_cast<const T*>(p.grad) + (active ? row * C : 0);
-  T* out = static_cast<T*>(p.out) + (active ? row * C : 0);
+  const RowSlot<GROUP> slot(p.outer);
+  const int64_t C = p.C, n = slot.active ? C : 0, off = slot.active ? slot.row * C : 0;
+  const int tid = slot.tid;
+  const T* y = static_cast<const T*>(p.y) + off;
+  const T* g = static_cast<const T*>(p.grad) + off;
+  T* out = static_cast<T*>(p.out) + off;
   acc_t s = acc_t(0);
   row_foreach<T>(y, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
 #pragma unroll
@@ -182,9 +176,8 @@ void launch(const SoftmaxParams& p, cudaStream_t stream) {
   }
   auto go = [&](auto group_c) {
     constexpr int G = decltype(group_c)::value;
-    constexpr int threads = G <= 32 ? 256 : G;
-    constexpr int rows = G <= 32 ? 256 / G : 1;
-    const int64_t blocks = (p.outer + rows - 1) / rows;
+    constexpr int threads = RowSlot<G>::kThreads;
+    const int64_t blocks = (p.outer + RowSlot<G>::kRows - 1) / RowSlot<G>::kRows;
     if (kBackward) {
       softmax_bwd_rows_kernel<T, G><<<blocks, threads, 0, stream>>>(p);
     } else {
