@@ -81,6 +81,22 @@ def _check_extensions(label_smoothing, z_loss, softcap, fn) -> float:
     return float(softcap)
 
 
+_SUM_CHUNK = 4096
+
+
+def _sum(values: Tensor) -> Tensor:
+    """Sum in a fixed order, bit-identical whatever the number of threads: torch's CPU sum of a
+    long vector splits it by thread. Rows of a fixed width are summed (one thread per row, a
+    fixed order inside), then the row sums, until one row is left."""
+    flat = values.reshape(-1)
+    while flat.numel() > _SUM_CHUNK:
+        pad = (-flat.numel()) % _SUM_CHUNK
+        if pad:
+            flat = torch.nn.functional.pad(flat, (0, pad))
+        flat = flat.view(-1, _SUM_CHUNK).sum(dim=1)
+    return flat.sum()
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -180,7 +196,7 @@ def cross_entropy(
         if reduction == "none":
             shape = (outer,) + spatial if input.dim() >= 2 else ()
             return loss.reshape(shape).to(out_dtype)
-        total = loss.sum()
+        total = _sum(loss)
         if reduction == "mean":
             total = total / (outer * inner)
         return total.to(out_dtype)
@@ -213,14 +229,14 @@ def cross_entropy(
     )
     if reduction == "none":
         return loss.reshape(target.shape).to(out_dtype)
-    total = loss.sum()
+    total = _sum(loss)
     if reduction == "mean":
         valid = t2 != ignore_index
         if w is None or C == 0:
             denom = valid.sum()
         else:
             safe = torch.where(valid, t2, torch.zeros_like(t2)).long()
-            denom = torch.where(valid, w[safe], torch.zeros_like(loss)).sum()
+            denom = _sum(torch.where(valid, w[safe], torch.zeros_like(loss)))
         total = total / denom
     return total.to(out_dtype)
 
@@ -372,6 +388,8 @@ def binary_cross_entropy_with_logits(
     loss = SigmoidCrossEntropyFunction.apply(x, t, w, pw)
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean()
+    # accumulate in float32 (as torch's sum and mean do for half precision), in a fixed order
+    total = _sum(loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss)
+    if reduction == "mean":
+        total = total / loss.numel()
+    return total.to(loss.dtype)
