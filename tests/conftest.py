@@ -12,6 +12,19 @@ REQUIRE_EXTENSION = os.environ.get("SOFTMAX_CE_REQUIRE_EXTENSION", "0") not in (
 DEVICES = ["cpu", "cuda"]
 
 
+try:  # hypothesis profiles for tests/test_fuzz.py: "ci" by default, "long" on request
+    from hypothesis import HealthCheck, settings
+
+    _health = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
+                              print_blob=True, suppress_health_check=_health)
+    settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True,
+                              suppress_health_check=_health)
+    settings.load_profile("ci")
+except ImportError:  # test_fuzz.py skips itself without hypothesis
+    pass
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (run with -m slow)")
 

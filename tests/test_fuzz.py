@@ -4,8 +4,9 @@ Random shapes (0-sized dims, C = 1, odd and prime C, C up to 2^17, K-dim with 1-
 unbatched), dtypes, layouts (non-contiguous, transposed, expanded, channels-last, storage
 offsets), values (huge, tiny, -inf masks, +inf, NaN) and every option. Loss and gradient are
 compared with torch, or with a float64 torch evaluation of our definition for our extensions.
-Pass rule in low precision: our error against the float64 truth is no worse than torch's own
-error in the same dtype, plus a small slack; in float32/float64 a tight tolerance.
+Pass rule: our error against the float64 truth is no worse than torch's own error in the same
+dtype, plus a small slack (tight in float32/float64, a few ulps in bf16/fp16); non-finite values
+must sit exactly where the truth's are.
 
 Profiles: "ci" (the default, a couple of minutes) and "long" (thousands of cases):
     python -m pytest tests/test_fuzz.py --hypothesis-profile=long
@@ -18,21 +19,12 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import softmax_ce  # noqa: E402
 from softmax_ce import ops  # noqa: E402
 
-settings.register_profile(
-    "ci", max_examples=120, deadline=None, derandomize=True, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "long", max_examples=3000, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.load_profile("ci")
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 CLASSES = [1, 2, 3, 5, 7, 13, 31, 32, 33, 97, 128, 257, 1000, 4099, 1 << 17]
@@ -162,12 +154,16 @@ def _err(a, b):
 
 
 def _check(ours, truth, theirs, dtype, what):
-    # non-finite positions agree exactly (NaN where torch gives NaN, inf where inf)
+    # non-finite positions agree exactly (NaN where torch gives NaN, inf where inf; a finite
+    # value beyond the output dtype's range rounds to inf)
     assert torch.equal(torch.isnan(ours.double()), torch.isnan(truth)), f"{what}: NaN pattern"
-    assert torch.equal(torch.isinf(ours.double()), torch.isinf(truth)), f"{what}: inf pattern"
+    overflow = truth.abs() > torch.finfo(dtype).max
+    assert torch.equal(torch.isinf(ours.double()), torch.isinf(truth) | overflow), \
+        f"{what}: inf pattern"
     scale = max(1.0, truth[torch.isfinite(truth)].abs().max().item()) if torch.isfinite(truth).any() else 1.0
     err = _err(ours, truth)
-    allowed = _err(theirs, truth) + SLACK[dtype] * scale if dtype in LOW else SLACK[dtype] * scale
+    # no worse than torch's own error in the same dtype (cancellation at huge values hits both)
+    allowed = _err(theirs, truth) + SLACK[dtype] * scale
     assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
 
 
@@ -230,6 +226,10 @@ def test_fuzz_bce(implementation, case):
     last = tuple(shape[-1:])
     w = torch.rand(last, generator=g, dtype=torch.float64) + 0.5 if case["weight"] else None
     pw = torch.rand(last, generator=g, dtype=torch.float64) * 3 if case["pos_weight"] else None
+    # every input rounded to the dtype under test first: the truth sees the same values
+    x, y = x.to(dtype).double(), y.to(dtype).double()
+    w = None if w is None else w.to(dtype).double()
+    pw = None if pw is None else pw.to(dtype).double()
     cast = (lambda v, d: None if v is None else v.to(d))
     kw = dict(reduction=case["reduction"])
 

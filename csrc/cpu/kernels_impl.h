@@ -123,6 +123,13 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   }
 }
 
+// exp that keeps NaN (vexp maps it to a finite value): for inputs that may be NaN, such as the
+// saved output of log_softmax on a NaN row.
+template <typename acc_t>
+inline Vectorized<acc_t> vexp_nan(const Vectorized<acc_t>& v) {
+  return Vectorized<acc_t>::blendv(vexp(v), v, v.isnan());
+}
+
 template <typename acc_t>
 inline acc_t nan_max(acc_t running, acc_t chunk) {
   if (running != running || chunk != chunk) return std::numeric_limits<acc_t>::quiet_NaN();
@@ -973,7 +980,7 @@ void softmax_bwd_t(const SoftmaxArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.C, inner = a.inner;
   auto reduce_term = [&](const V& ya, const V& ga) { return a.log ? ga : ga * ya; };
   auto finish = [&](const V& ya, const V& ga, const V& s) {
-    return a.log ? ga - vexp(ya) * s : ya * (ga - s);
+    return a.log ? ga - vexp_nan(ya) * s : ya * (ga - s);
   };
   if (inner == 1) {
     for (int64_t row = begin; row < end; ++row) {
