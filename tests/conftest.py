@@ -15,7 +15,9 @@ DEVICES = ["cpu", "cuda"]
 try:  # hypothesis profiles for tests/test_fuzz.py: "ci" by default, "long" on request
     from hypothesis import HealthCheck, settings
 
-    _health = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    # the implementation fixture is function-scoped on purpose: it holds for all examples
+    _health = [HealthCheck.too_slow, HealthCheck.data_too_large,
+               HealthCheck.function_scoped_fixture]
     settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
                               print_blob=True, suppress_health_check=_health)
     settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True,

@@ -1,4 +1,5 @@
-"""Differential fuzzing against torch with hypothesis, both implementations.
+"""Differential fuzzing against torch with hypothesis, both implementations (the cpu_impl
+fixture runs every test with the compiled kernels, then with the reference).
 
 Random shapes (0-sized dims, C = 1, odd and prime C, C up to 2^17, K-dim with 1-3 spatial dims,
 unbatched), dtypes, layouts (non-contiguous, transposed, expanded, channels-last, storage
@@ -23,7 +24,6 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import softmax_ce  # noqa: E402
-from softmax_ce import ops  # noqa: E402
 
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -167,11 +167,8 @@ def _check(ours, truth, theirs, dtype, what):
     assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
 
 
-@pytest.mark.parametrize("implementation", ["compiled", "reference"])
 @given(case=cases())
-def test_fuzz_cross_entropy(implementation, case):
-    if implementation == "compiled" and ops.implementation("cpu") != "compiled":
-        pytest.skip("no compiled CPU kernels")
+def test_fuzz_cross_entropy(cpu_impl, case):
     x, t, w = _make(case)
     dtype = case["dtype"]
     if case["prob"] and case["ignore"] is not None and case["ignore"] >= 0:
@@ -181,9 +178,8 @@ def test_fuzz_cross_entropy(implementation, case):
     extra = dict(z_loss=case["z"], softcap=case["cap"], inplace_backward=case["inplace"])
     what = f"{case}"
 
-    with ops.force_reference(implementation == "reference"):
-        loss, grad = _loss_and_grad(
-            lambda x, t, w: softmax_ce.cross_entropy(x, t, w, **kw, **extra), x, t, w, case["seed"])
+    loss, grad = _loss_and_grad(
+        lambda x, t, w: softmax_ce.cross_entropy(x, t, w, **kw, **extra), x, t, w, case["seed"])
     assert loss.dtype == dtype
     x64 = x.detach().double().requires_grad_()
     truth = _truth(x64, t, w, case)
@@ -210,11 +206,8 @@ def bce_cases(draw):
     )
 
 
-@pytest.mark.parametrize("implementation", ["compiled", "reference"])
 @given(case=bce_cases())
-def test_fuzz_bce(implementation, case):
-    if implementation == "compiled" and ops.implementation("cpu") != "compiled":
-        pytest.skip("no compiled CPU kernels")
+def test_fuzz_bce(cpu_impl, case):
     g = torch.Generator().manual_seed(case["seed"])
     shape, dtype = case["shape"], case["dtype"]
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
@@ -240,8 +233,7 @@ def test_fuzz_bce(implementation, case):
         grad = torch.autograd.grad(loss, xr, up.to(loss.dtype))[0] if x.numel() else torch.zeros_like(xr)
         return loss.detach(), grad
 
-    with ops.force_reference(implementation == "reference"):
-        loss, grad = run(softmax_ce.binary_cross_entropy_with_logits, dtype)
+    loss, grad = run(softmax_ce.binary_cross_entropy_with_logits, dtype)
     truth, g_truth = run(F.binary_cross_entropy_with_logits, torch.float64)
     theirs, g_theirs = run(F.binary_cross_entropy_with_logits, dtype)
     _check(loss, truth, theirs, dtype, f"{case} loss")
