@@ -98,6 +98,10 @@ def _class_terms(target, weight, ignore_index, num_classes, dtype):
 def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
     C = logits.shape[1]
     check_targets(target, C, ignore_index)
+    if C == 0:  # every position is ignored (any other target is out of range)
+        acc = acc_dtype(logits.dtype)
+        shape = (logits.shape[0], logits.shape[2])
+        return logits.new_zeros(shape, dtype=acc), logits.new_full(shape, float("nan"), dtype=torch.float64)
     x = _capped(logits, softcap)
     m, log_s = _row_stats(x)
     nlp = (m - x) + log_s  # -log_softmax, without cancellation
@@ -117,6 +121,8 @@ def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing
     """dloss/dx_c = g * [(A + 2 z lse) p_c - (eps/C) w_c - (1 - eps) w_y [c = y]] * cap'(x_c)."""
     C = logits.shape[1]
     check_targets(target, C, ignore_index)
+    if C == 0:
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
     x = _capped(logits, softcap)
     p = _probs(x, lse)
     valid, safe, w_y = _class_terms(target, weight, ignore_index, C, x.dtype)

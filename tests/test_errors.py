@@ -142,3 +142,14 @@ def test_softmax_bad_input(cpu_impl, fn):
             ours(*args)
         with pytest.raises(exc):
             theirs(*args)
+
+
+def test_zero_classes_all_ignored_is_nan_like_torch(cpu_impl):
+    """C = 0 is only valid when every position is ignored: NaN for mean, as torch."""
+    x = torch.randn(3, 0, requires_grad=True)
+    t = torch.full((3,), -100)
+    ours = softmax_ce.cross_entropy(x, t)
+    assert ours.isnan() and F.cross_entropy(x, t).isnan()
+    ours.backward()
+    assert x.grad.shape == (3, 0)
+    assert softmax_ce.cross_entropy(x, t, reduction="sum").item() == 0.0
