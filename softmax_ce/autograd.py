@@ -203,7 +203,7 @@ class _CrossEntropyBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, v):
-        grad_loss, logits, target, weight, lse, = ctx.saved_tensors
+        grad_loss, logits, target, weight, lse = ctx.saved_tensors
         prob, ignore_index, eps, z_loss, softcap = ctx.params
         acc = acc_dtype(logits.dtype)
         C = logits.shape[1]

@@ -21,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -82,7 +82,6 @@ class Record:
     extra_peak_over_logits: Optional[float] = None
     max_err: Optional[float] = None
     agrees: Optional[bool] = None
-    notes: List[str] = field(default_factory=list)
 
 
 class Timer:

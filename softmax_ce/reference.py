@@ -84,7 +84,7 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
         )
 
 
-def _class_terms(target, weight, ignore_index, num_classes, dtype):
+def _class_terms(target, weight, ignore_index, dtype):
     """valid mask, safe class index, and w_y (weight of the target class, 1 without weight)."""
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
@@ -105,7 +105,7 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softca
     x = _capped(logits, softcap)
     m, log_s = _row_stats(x)
     nlp = (m - x) + log_s  # -log_softmax, without cancellation
-    valid, safe, w_y = _class_terms(target, weight, ignore_index, C, x.dtype)
+    valid, safe, w_y = _class_terms(target, weight, ignore_index, x.dtype)
     loss = (1 - label_smoothing) * w_y * nlp.gather(1, safe.unsqueeze(1)).squeeze(1)
     if label_smoothing > 0:
         w = weight.view(1, C, 1) if weight is not None else 1.0
@@ -125,7 +125,7 @@ def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     x = _capped(logits, softcap)
     p = _probs(x, lse)
-    valid, safe, w_y = _class_terms(target, weight, ignore_index, C, x.dtype)
+    valid, safe, w_y = _class_terms(target, weight, ignore_index, x.dtype)
     g = grad_loss.to(x.dtype)
     zero = torch.zeros_like(g)
     w_sum = weight.sum() if weight is not None else float(C)
