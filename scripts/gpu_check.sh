@@ -4,13 +4,20 @@
 # fullgraph compile, CUDA-graph capture), then the benchmark on CUDA, which prints a table of
 # each implementation's time, GB/s, share of the measured copy bandwidth and peak memory.
 # Logs and the benchmark's JSON go to ${OUT:-gpu_check_out}/. Meant to finish in under 8 minutes
-# on an H100. STEPS picks and orders the steps (default: "build diag tests bench").
+# on an H100. STEPS picks and orders the steps (default: "build diag tune bench tests"):
+#   build  the extension for this GPU's architecture
+#   diag   C++ exceptions from the CPU kernels in this environment (a crash gets a backtrace)
+#   tune   the fused forward+backward at the two target shapes with and without its
+#          shared-memory row cache (SOFTMAX_CE_CUDA_ROW_CACHE_KB), against the gradient
+#          formed in the backward
+#   bench  the benchmark on cuda (all default shapes)
+#   tests  the test suite on cuda
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-build diag tests bench}
+STEPS=${STEPS:-build diag tune bench tests}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "=== $* ($(( $(date +%s) - t0 ))s)"; }
@@ -40,17 +47,42 @@ build() {
 
 diag() {
   stamp "CPU kernels in this process environment (each in its own process)"
-  for env in "" "OMP_NUM_THREADS=1" "ATEN_CPU_CAPABILITY=default"; do
-    for what in ok bad_target; do
-      env $env $PY -X faulthandler -c "
-import torch, softmax_ce
-x = torch.randn(4, 5); t = torch.tensor([0, 1, 2, 3 if '$what' == 'ok' else 9])
+  cat > "$OUT/diag.py" <<'PYEOF'
+import sys, torch, softmax_ce
+x = torch.randn(4, 5); t = torch.tensor([0, 1, 2, 3 if sys.argv[1] == "ok" else 9])
 try:
     print(float(softmax_ce.cross_entropy(x, t)))
 except IndexError as e:
-    print('IndexError raised:', str(e)[:60])
-" > "$OUT/diag.log" 2>&1
-      echo "  [$env] $what: exit $? $(tail -1 "$OUT/diag.log")"
+    print("IndexError raised:", str(e)[:60])
+PYEOF
+  for env in "" "OMP_NUM_THREADS=1" "ATEN_CPU_CAPABILITY=default"; do
+    for what in ok bad_target; do
+      env $env $PY -X faulthandler "$OUT/diag.py" $what > "$OUT/diag.log" 2>&1
+      rc=$?
+      echo "  [$env] $what: exit $rc $(tail -1 "$OUT/diag.log")"
+      if [ $rc -ne 0 ] && command -v gdb > /dev/null; then
+        env $env gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$OUT/diag.py" $what \
+          > "$OUT/diag_gdb_${what}.log" 2>&1
+        grep -E "^#[0-9]+" "$OUT/diag_gdb_${what}.log" | head -25
+        grep -E "libstdc|libgcc_s|_C\.cpython" "$OUT/diag_gdb_${what}.log" | head -5
+      fi
+    done
+  done
+  so=$(ls softmax_ce/_C*.so 2>/dev/null | head -1)
+  [ -n "$so" ] && ldd "$so" | grep -E "libstdc|libgcc_s|libgomp|libc10\.|libtorch_cpu" | sed 's/^/  ldd: /'
+  $PY -c "import torch, os; print('  torch lib:', os.path.dirname(torch.__file__)); print('  ABI', torch._C._GLIBCXX_USE_CXX11_ABI)"
+}
+
+tune() {
+  stamp "fused forward+backward: shared-memory row cache on and off"
+  for kb in "" 0; do
+    for case in "4096x128256 bfloat16" "8192x32000 float32"; do
+      set -- $case
+      echo "  SOFTMAX_CE_CUDA_ROW_CACHE_KB=${kb:-default} $1 $2"
+      SOFTMAX_CE_CUDA_ROW_CACHE_KB=$kb $PY -m softmax_ce bench --device cuda --shapes "$1" \
+        --dtype "$2" --no-compile --no-softmax --no-memory --repeat ${REPEAT:-7} \
+        --impls softmax_ce "softmax_ce bwd-grad" "softmax_ce inplace" 2>> "$OUT/tune_progress.log" \
+        | grep "^| custom" | cut -d'|' -f6-8,11-14 | tee -a "$OUT/tune.md"
     done
   done
 }

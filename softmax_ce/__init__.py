@@ -33,12 +33,14 @@ from . import nn, ops  # noqa: E402
 from .autograd import (  # noqa: E402
     LogSoftmaxFunction,
     SigmoidCrossEntropyFunction,
+    ReducedCrossEntropyFunction,
     SoftmaxCrossEntropyFunction,
     SoftmaxFunction,
 )
 from .functional import (  # noqa: E402
     binary_cross_entropy_with_logits,
     cross_entropy,
+    gradient_in_forward,
     log_softmax,
     softmax,
 )
@@ -93,11 +95,13 @@ __all__ = [
     "ops",
     "implementation",
     "force_reference",
+    "gradient_in_forward",
     "build_info",
     "cuda_take_target_error",
     "empty_cache",
     "SoftmaxFunction",
     "LogSoftmaxFunction",
     "SoftmaxCrossEntropyFunction",
+    "ReducedCrossEntropyFunction",
     "SigmoidCrossEntropyFunction",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "SoftmaxFunction",
     "LogSoftmaxFunction",
     "SoftmaxCrossEntropyFunction",
+    "ReducedCrossEntropyFunction",
     "SigmoidCrossEntropyFunction",
 ]
 
@@ -157,13 +158,71 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                     grad_loss, logits, target, weight, lse, *ctx.params
                 )
         if prob and ctx.needs_input_grad[1]:
-            # dloss/dt_c = -(1 - eps) w_c log_softmax(x')_c, through our differentiable Function.
-            logp = LogSoftmaxFunction.apply(_capped(logits, softcap))
-            scale = grad_loss.unsqueeze(1) * (1 - eps)
-            if weight is not None:
-                scale = scale * weight.view(1, -1, 1)
-            grad_target = (-scale * logp).to(target.dtype)
+            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
         return grad_logits, grad_target, None, None, None, None, None, None
+
+
+class ReducedCrossEntropyFunction(torch.autograd.Function):
+    """The ``mean`` / ``sum`` loss (0-dim, accumulation dtype) with its gradient formed in the
+    forward pass.
+
+    ``grad_scale`` ``[outer, inner]`` is d(reduced loss)/d(per-position loss): 1 for ``sum``,
+    1 / denominator for ``mean`` (usually a broadcast 0-dim tensor). The forward writes the
+    gradient for a unit upstream gradient while each row is still in cache (one read of the
+    logits, one write of the gradient: the traffic floor of forward + backward); the backward
+    hands that gradient over, rescaled in place by the upstream gradient (``scale_grad_``: no work
+    when it is 1, the common ``loss.backward()``, checked on the device). A second backward
+    (``retain_graph=True``) or a differentiable one (``create_graph=True``) recomputes the gradient
+    from the saved logits and lse, as ``SoftmaxCrossEntropyFunction`` does.
+    ``reduce(per_position_loss)`` gives the reduced loss (fixed summation order).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, grad_scale, reduce, ignore_index, label_smoothing,
+                z_loss, softcap):
+        prob = target.is_floating_point()
+        if prob:
+            loss, lse, grad = ops.ce_prob_fwd_bwd(
+                grad_scale, logits, target, weight, label_smoothing, z_loss, softcap
+            )
+        else:
+            loss, lse, grad = ops.ce_fwd_bwd(
+                grad_scale, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
+            )
+        ctx.save_for_backward(logits, target, weight, lse, grad_scale)
+        ctx.params = (prob, ignore_index, label_smoothing, z_loss, softcap)
+        ctx.fused_grad = grad  # an intermediate, handed over by the first plain backward
+        return reduce(loss)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, target, weight, lse, grad_scale = ctx.saved_tensors
+        prob, ignore_index, eps, z_loss, softcap = ctx.params
+        fused, ctx.fused_grad = ctx.fused_grad, None
+        use_fused = fused is not None and not torch.is_grad_enabled()
+        grad_logits = grad_target = None
+        # upstream x d(reduced)/d(per-position loss)
+        grad_loss = grad_total * grad_scale if not use_fused or prob else None
+        if ctx.needs_input_grad[0]:
+            if use_fused:
+                ops.scale_grad_(fused, grad_total)
+                grad_logits = fused
+            else:
+                grad_logits = _CrossEntropyBackward.apply(
+                    grad_loss, logits, target, weight, lse, *ctx.params
+                )
+        if prob and ctx.needs_input_grad[1]:
+            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
+        return grad_logits, grad_target, None, None, None, None, None, None, None
+
+
+def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):
+    """dloss/dt_c = -(1 - eps) w_c log_softmax(x')_c, through our differentiable Function."""
+    logp = LogSoftmaxFunction.apply(_capped(logits, softcap))
+    scale = grad_loss.unsqueeze(1) * (1 - eps)
+    if weight is not None:
+        scale = scale * weight.view(1, -1, 1)
+    return (-scale * logp).to(target.dtype)
 
 
 def _ce_grad_inplace(grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_loss,

@@ -1,7 +1,9 @@
 """The benchmark and self-check: ``python -m softmax_ce bench``.
 
 For each case (a shape and dtype) it times every available implementation of cross-entropy --
-softmax_ce (compiled kernels, and with ``inplace_backward=True``), the softmax_ce reference,
+softmax_ce (compiled kernels: by default the gradient formed in the forward pass; ``bwd-grad``
+with it formed in the backward, ``softmax_ce.gradient_in_forward(False)``; and with
+``inplace_backward=True``), the softmax_ce reference,
 ``F.cross_entropy`` eager and ``torch.compile(F.cross_entropy)`` -- forward and forward+backward,
 as the median of repeated, interleaved runs after warm-up; checks that they agree with eager torch;
 measures the extra peak memory of one forward+backward beyond the logits; and compares each time
@@ -85,6 +87,13 @@ class Record:
 
 
 class Timer:
+    """Wall time of fn on the CPU; on CUDA the GPU time between two events around fn, with a
+    spin kernel queued first so that the host has issued fn's launches before the GPU reaches
+    them: the time a training loop sees when the host runs ahead of the GPU (the host's own
+    per-call cost is hidden, as it is there; with an idle GPU it would be added)."""
+
+    SPIN_CYCLES = 2_000_000  # about 1 ms of GPU time: longer than any call's launch overhead
+
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
 
@@ -93,6 +102,7 @@ class Timer:
             torch.cuda.synchronize()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(self.SPIN_CYCLES)
             start.record()
             fn()
             end.record()
@@ -168,6 +178,12 @@ def make_impls(device: str, compile_baseline: bool) -> Dict[str, Callable]:
         impls["softmax_ce"] = lambda x, t: softmax_ce.cross_entropy(x, t)
         impls["softmax_ce inplace"] = lambda x, t: softmax_ce.cross_entropy(
             x, t, inplace_backward=True)
+
+        def gradient_in_backward(x, t):
+            with softmax_ce.gradient_in_forward(False):
+                return softmax_ce.cross_entropy(x, t)
+
+        impls["softmax_ce bwd-grad"] = gradient_in_backward
 
     def reference(x, t):
         with ops.force_reference():

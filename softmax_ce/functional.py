@@ -8,7 +8,9 @@ graph break; out-of-range class indices are caught inside the kernels.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 from typing import Optional
 
@@ -17,13 +19,20 @@ from torch import Tensor
 
 from .autograd import (
     LogSoftmaxFunction,
+    ReducedCrossEntropyFunction,
     SigmoidCrossEntropyFunction,
     SoftmaxCrossEntropyFunction,
     SoftmaxFunction,
 )
 from .reference import acc_dtype
 
-__all__ = ["cross_entropy", "softmax", "log_softmax", "binary_cross_entropy_with_logits"]
+__all__ = [
+    "cross_entropy",
+    "softmax",
+    "log_softmax",
+    "binary_cross_entropy_with_logits",
+    "gradient_in_forward",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
@@ -79,6 +88,63 @@ def _check_extensions(label_smoothing, z_loss, softcap, fn) -> float:
     if not isinstance(softcap, (int, float)) or not (0.0 < softcap < math.inf):
         raise ValueError(f"{fn}: softcap must be None or a finite float > 0, got {softcap}")
     return float(softcap)
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def gradient_in_forward(enabled: bool = True):
+    """Whether ``cross_entropy`` with a ``mean`` or ``sum`` reduction forms the logits' gradient
+    in its forward pass when they require grad (default: yes; this context, per thread).
+
+    With it the forward reads the logits once and writes their gradient once, and
+    ``loss.backward()`` only hands that gradient over: the least memory traffic a forward plus
+    backward can have. The gradient is held from the forward to the backward (the same peak
+    memory as computing it in the backward), is wasted work if no backward follows, and costs
+    one more pass if the upstream gradient is not 1 (e.g. a scaled loss). Without it the forward
+    reads the logits and the backward reads them again and writes the gradient. Not used under
+    ``torch.compile``, with ``inplace_backward=True`` or with ``reduction='none'``.
+    """
+    previous = getattr(_state, "grad_in_forward", True)
+    _state.grad_in_forward = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.grad_in_forward = previous
+
+
+def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
+    return (
+        reduction != "none"
+        and not inplace
+        and x3.requires_grad
+        and torch.is_grad_enabled()
+        and x3.numel() > 0
+        and not torch.compiler.is_compiling()
+        and getattr(_state, "grad_in_forward", True)
+    )
+
+
+def _reduced_ce(x3, t, w, denom, reduction, inplace, *args):
+    """The mean / sum loss: through ReducedCrossEntropyFunction (gradient formed in the forward)
+    where it applies, else the per-position Function and a reduction. ``denom``: the mean's
+    denominator (tensor or number). args: ignore_index, label_smoothing, z_loss, softcap."""
+
+    def reduce(loss):
+        total = _sum(loss)
+        return total / denom if reduction == "mean" else total
+
+    if _fuse_gradient(x3, reduction, inplace):
+        acc = acc_dtype(x3.dtype)
+        if reduction == "mean":
+            scale = torch.reciprocal(torch.as_tensor(denom, dtype=acc, device=x3.device))
+        else:
+            scale = torch.ones((), dtype=acc, device=x3.device)
+        scale = scale.expand(x3.shape[0], x3.shape[2])
+        return ReducedCrossEntropyFunction.apply(x3, t, w, scale, reduce, *args)
+    loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t, w, *args, inplace)
+    return reduce(loss)
 
 
 _SUM_CHUNK = 4096
@@ -190,15 +256,12 @@ def cross_entropy(
         w = weight.to(acc_dtype(x.dtype)) if weight is not None else None
         x3 = x.reshape(outer, C, inner)
         t3 = t.reshape(outer, C, inner)
-        loss, _ = SoftmaxCrossEntropyFunction.apply(
-            x3, t3, w, -100, float(label_smoothing), float(z_loss), cap, inplace
-        )
+        args = (-100, float(label_smoothing), float(z_loss), cap)
         if reduction == "none":
+            loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t3, w, *args, inplace)
             shape = (outer,) + spatial if input.dim() >= 2 else ()
             return loss.reshape(shape).to(out_dtype)
-        total = _sum(loss)
-        if reduction == "mean":
-            total = total / (outer * inner)
+        total = _reduced_ce(x3, t3, w, outer * inner, reduction, inplace, *args)
         return total.to(out_dtype)
 
     # class-index targets
@@ -224,20 +287,19 @@ def cross_entropy(
     t = target.to(torch.int32) if target.dtype == torch.uint8 else target
     x3 = input.reshape(outer, C, inner)
     t2 = t.reshape(outer, inner)
-    loss, _ = SoftmaxCrossEntropyFunction.apply(
-        x3, t2, w, ignore_index, float(label_smoothing), float(z_loss), cap, inplace
-    )
+    args = (ignore_index, float(label_smoothing), float(z_loss), cap)
     if reduction == "none":
+        loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t2, w, *args, inplace)
         return loss.reshape(target.shape).to(out_dtype)
-    total = _sum(loss)
+    denom = None
     if reduction == "mean":
         valid = t2 != ignore_index
         if w is None or C == 0:
             denom = valid.sum()
         else:
             safe = torch.where(valid, t2, torch.zeros_like(t2)).long()
-            denom = _sum(torch.where(valid, w[safe], torch.zeros_like(loss)))
-        total = total / denom
+            denom = _sum(torch.where(valid, w[safe], torch.zeros((), dtype=w.dtype, device=w.device)))
+    total = _reduced_ce(x3, t2, w, denom, reduction, inplace, *args)
     return total.to(out_dtype)
 
 

@@ -9,6 +9,11 @@ implementations make the ops traceable by ``torch.compile`` and ``torch.export``
 The ops are not differentiable by themselves: ``autograd.py`` wraps them in
 ``torch.autograd.Function`` s with hand-written gradients.
 
+``ce_fwd_bwd`` / ``ce_prob_fwd_bwd`` are the forward and the backward in one pass over the logits
+(the gradient for a ``grad_loss`` known at forward time, written while the row is in cache), and
+``scale_grad_`` rescales such a gradient in place by a 0-dim tensor, doing nothing when it holds 1
+(checked on the device, without a host synchronisation).
+
 Shapes follow DESIGN.md's kernel contracts: logits ``[outer, C, inner]``; per-position loss and
 grad_loss ``[outer, inner]`` in the accumulation dtype (float64 for float64 logits, else
 float32); the saved ``lse`` ``[outer, inner]`` is float64 for every dtype (see reference.py).
@@ -49,6 +54,15 @@ SCHEMAS = {
         "ce_prob_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
         f"Tensor lse, {_PROB_ARGS}) -> ()"
     ),
+    "ce_fwd_bwd": (
+        "ce_fwd_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+        f"{_CE_ARGS}) -> (Tensor, Tensor, Tensor)"
+    ),
+    "ce_prob_fwd_bwd": (
+        "ce_prob_fwd_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+        f"{_PROB_ARGS}) -> (Tensor, Tensor, Tensor)"
+    ),
+    "scale_grad_": "scale_grad_(Tensor(a!) grad, Tensor scale) -> ()",
     "softmax_fwd": "softmax_fwd(Tensor x, bool log) -> Tensor",
     "softmax_bwd": "softmax_bwd(Tensor grad_y, Tensor y, bool log) -> Tensor",
     "sigmoid_ce_fwd": (
@@ -126,6 +140,27 @@ def _ce_prob_bwd_fake(grad_loss, logits, target, weight, lse, *args):
 @torch.library.register_fake("softmax_ce::ce_prob_bwd_")
 def _ce_prob_bwd_inplace_fake(grad_loss, logits, target, weight, lse, *args):
     _check_3d(logits)
+
+
+@torch.library.register_fake("softmax_ce::ce_fwd_bwd")
+def _ce_fwd_bwd_fake(grad_loss, logits, target, *args):
+    _check_3d(logits)
+    torch._check(target.shape == (logits.shape[0], logits.shape[2]), lambda: "target shape")
+    return (_per_position(logits), _per_position(logits, torch.float64),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("softmax_ce::ce_prob_fwd_bwd")
+def _ce_prob_fwd_bwd_fake(grad_loss, logits, target, *args):
+    _check_3d(logits)
+    torch._check(target.shape == logits.shape, lambda: "target shape")
+    return (_per_position(logits), _per_position(logits, torch.float64),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("softmax_ce::scale_grad_")
+def _scale_grad_inplace_fake(grad, scale):
+    torch._check(scale.dim() == 0, lambda: "scale must be a 0-dim tensor")
 
 
 @torch.library.register_fake("softmax_ce::softmax_fwd")
@@ -209,6 +244,9 @@ ce_bwd_ = _make_caller("ce_bwd_")
 ce_prob_fwd = _make_caller("ce_prob_fwd")
 ce_prob_bwd = _make_caller("ce_prob_bwd")
 ce_prob_bwd_ = _make_caller("ce_prob_bwd_")
+ce_fwd_bwd = _make_caller("ce_fwd_bwd")
+ce_prob_fwd_bwd = _make_caller("ce_prob_fwd_bwd")
+scale_grad_ = _make_caller("scale_grad_")
 softmax_fwd = _make_caller("softmax_fwd")
 softmax_bwd = _make_caller("softmax_bwd")
 sigmoid_ce_fwd = _make_caller("sigmoid_ce_fwd")

@@ -149,6 +149,14 @@ def ce_bwd_(grad_loss, logits, target, weight, lse, ignore_index, label_smoothin
     )
 
 
+def ce_fwd_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+    """ce_fwd and ce_bwd in one call: (loss, lse, gradient for grad_loss)."""
+    loss, lse = ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    grad = ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss,
+                  softcap)
+    return loss, lse, grad
+
+
 def _smoothed(target, weight, label_smoothing, C):
     acc = acc_dtype(target.dtype)
     t = target.to(acc)
@@ -188,6 +196,18 @@ def ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss,
 
 def ce_prob_bwd_(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap):
     logits.copy_(ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap))
+
+
+def ce_prob_fwd_bwd(grad_loss, logits, target, weight, label_smoothing, z_loss, softcap):
+    """ce_prob_fwd and ce_prob_bwd in one call: (loss, lse, gradient for grad_loss)."""
+    loss, lse = ce_prob_fwd(logits, target, weight, label_smoothing, z_loss, softcap)
+    grad = ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap)
+    return loss, lse, grad
+
+
+def scale_grad_(grad, scale):
+    """grad *= scale (a 0-dim tensor), in place."""
+    grad.mul_(scale)
 
 
 def softmax_fwd(x, log):

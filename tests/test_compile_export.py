@@ -49,6 +49,20 @@ def test_opcheck_cross_entropy_ops(device):
             loss, lse = ops.ce_prob_fwd(x.detach(), p, w, ls, z, cap)
             _opcheck(ops.ce_prob_bwd.default, (g, x, p, w, lse, ls, z, cap))
             _opcheck(ops.ce_prob_bwd_.default, (g, x.detach().clone(), p, w, lse, ls, z, cap))
+            _opcheck(ops.ce_fwd_bwd.default, (g, x, t, w, -100, ls, z, cap))
+            _opcheck(ops.ce_prob_fwd_bwd.default, (g, x, p, w, ls, z, cap))
+            if x.shape[0]:
+                # a broadcast upstream gradient (the mean's 1 / denominator), as functional passes
+                scale = torch.full((), 0.25, device=device).expand(x.shape[0], x.shape[2])
+                _opcheck(ops.ce_fwd_bwd.default, (scale, x, t, w, -100, ls, z, cap))
+
+
+def test_opcheck_scale_grad(device):
+    ops = torch.ops.softmax_ce
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        grad = torch.randn(5, 7, 3, device=device).to(dtype)
+        for value in (1.0, 0.5, -3.0):
+            _opcheck(ops.scale_grad_.default, (grad.clone(), torch.tensor(value, device=device)))
 
 
 def test_opcheck_softmax_and_sigmoid_ops(device):

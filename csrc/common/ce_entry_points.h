@@ -1,12 +1,14 @@
-// The six cross-entropy ops' entry points (schemas in softmax_ce/ops.py), shared by the CPU and
+// The cross-entropy ops' entry points (schemas in softmax_ce/ops.py), shared by the CPU and
 // CUDA bindings. A binding file supplies
 //   forward(logits, target, weight, ignore_index, eps, z, softcap, prob) -> (loss, lse)
 //   backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, out)
 //     -> the gradient, written into `out` (a fresh tensor when `out` is undefined)
+//   forward_backward(grad_loss, logits, target, weight, ignore_index, eps, z, softcap, prob)
+//     -> (loss, lse, gradient): both in one pass over the logits
 //   validate_inplace(logits, target, ignore_index, prob): checks to pass before an in-place
 //     backward may write anything
-// and registers CeEntryPoints<forward, backward, validate_inplace>::register_all(m) in its
-// TORCH_LIBRARY_IMPL block.
+// and registers CeEntryPoints<forward, backward, validate_inplace, forward_backward>::register_all(m)
+// in its TORCH_LIBRARY_IMPL block.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,7 +20,7 @@
 
 namespace softmax_ce {
 
-template <auto Forward, auto Backward, auto ValidateInplace>
+template <auto Forward, auto Backward, auto ValidateInplace, auto ForwardBackward>
 struct CeEntryPoints {
   using Opt = std::optional<at::Tensor>;
   using T = at::Tensor;
@@ -49,6 +51,17 @@ struct CeEntryPoints {
     inplace(grad_loss, logits, target, weight, lse, -100, eps, z, softcap, true);
   }
 
+  static std::tuple<T, T, T> ce_fwd_bwd(const T& grad_loss, const T& logits, const T& target,
+                                        const Opt& weight, int64_t ignore_index, double eps,
+                                        double z, double softcap) {
+    return ForwardBackward(grad_loss, logits, target, weight, ignore_index, eps, z, softcap, false);
+  }
+  static std::tuple<T, T, T> ce_prob_fwd_bwd(const T& grad_loss, const T& logits, const T& target,
+                                             const Opt& weight, double eps, double z,
+                                             double softcap) {
+    return ForwardBackward(grad_loss, logits, target, weight, -100, eps, z, softcap, true);
+  }
+
   // The gradient into the logits' storage: directly when they are contiguous, else through a
   // fresh gradient copied back.
   static void inplace(const T& grad_loss, const T& logits, const T& target, const Opt& weight,
@@ -71,6 +84,8 @@ struct CeEntryPoints {
     m.impl("ce_prob_fwd", &ce_prob_fwd);
     m.impl("ce_prob_bwd", &ce_prob_bwd);
     m.impl("ce_prob_bwd_", &ce_prob_bwd_);
+    m.impl("ce_fwd_bwd", &ce_fwd_bwd);
+    m.impl("ce_prob_fwd_bwd", &ce_prob_fwd_bwd);
   }
 };
 

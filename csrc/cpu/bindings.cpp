@@ -117,7 +117,12 @@ int64_t work_units(int64_t outer, int64_t inner, int64_t lanes) {
   return inner == 1 ? outer : outer * ((inner + lanes - 1) / lanes);
 }
 
-void run_ce(CeFn fn, const CeArgs& args, int64_t lanes) {
+namespace {
+
+// Runs body(begin, end) -> Status over all units in parallel; raises torch's IndexError for the
+// first bad target any range reported.
+template <typename Body>
+void run_units(const CeArgs& args, int64_t lanes, Body&& body) {
   const int64_t units = work_units(args.outer, args.inner, lanes);
   if (units == 0) return;
   const int64_t per_unit = std::max<int64_t>(1, args.C * (args.inner == 1 ? 1 : lanes));
@@ -125,12 +130,35 @@ void run_ce(CeFn fn, const CeArgs& args, int64_t lanes) {
   std::atomic<bool> bad{false};
   std::atomic<int64_t> value{0};
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    const Status s = fn(args, begin, end);
+    const Status s = body(begin, end);
     if (s.bad_target && !bad.exchange(true)) value = s.value;
   });
   TORCH_CHECK_INDEX(!bad.load(), "Target ", value.load(),
                     " is out of bounds: argument 'target' must hold class indices in [0, ",
                     args.C, ") or ignore_index (", args.ignore_index, ").");
+}
+
+}  // namespace
+
+void run_ce(CeFn fn, const CeArgs& args, int64_t lanes) {
+  run_units(args, lanes, [&](int64_t begin, int64_t end) { return fn(args, begin, end); });
+}
+
+void run_ce_fused(CeFn fwd, CeFn bwd, const CeArgs& args, int64_t lanes) {
+  // units per batch: about 64 KB of logits (a row may exceed it: then one row at a time)
+  constexpr int64_t kBatchElements = 16384;
+  const int64_t per_unit = std::max<int64_t>(1, args.C * (args.inner == 1 ? 1 : lanes));
+  const int64_t batch = std::max<int64_t>(1, kBatchElements / per_unit);
+  run_units(args, lanes, [&](int64_t begin, int64_t end) {
+    Status first;
+    for (int64_t b = begin; b < end; b += batch) {
+      const int64_t e = std::min(end, b + batch);
+      const Status s = fwd(args, b, e);
+      if (s.bad_target && !first.bad_target) first = s;
+      (void)bwd(args, b, e);  // a bad target gives NaN there; the forward reported it
+    }
+    return first;
+  });
 }
 
 }  // namespace softmax_ce::cpu

@@ -82,6 +82,20 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
   return {loss, lse};
 }
 
+// The per-position upstream gradient [outer, inner] into the kernel arguments; the returned
+// tensor (in the accumulation dtype, strides kept: 0 for a broadcast mean) must outlive the call.
+at::Tensor set_grad_loss(CeArgs& a, const at::Tensor& grad_loss, at::ScalarType acc) {
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == a.outer && grad_loss.size(1) == a.inner,
+              "softmax_ce: argument 'grad_loss' must be [", a.outer, ", ", a.inner, "], got ",
+              grad_loss.sizes());
+  TORCH_CHECK(grad_loss.device().is_cpu(), "softmax_ce: argument 'grad_loss' must be on the CPU");
+  at::Tensor g = grad_loss.to(acc);
+  a.grad = g.data_ptr();
+  a.grad_stride_outer = g.stride(0);
+  a.grad_stride_inner = g.stride(1);
+  return g;
+}
+
 // out: undefined for a fresh gradient, else the (contiguous) tensor to write into.
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                     const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -89,25 +103,41 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                     double softcap, bool prob, at::Tensor out) {
   Prepared p = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
   const int64_t O = logits.size(0), I = logits.size(2);
-  const at::ScalarType acc = acc_type(logits.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == O && grad_loss.size(1) == I,
-              "softmax_ce: argument 'grad_loss' must be [", O, ", ", I, "], got ",
-              grad_loss.sizes());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == O && lse.size(1) == I &&
                   lse.scalar_type() == at::kDouble,
               "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "]");
-  const at::Tensor g = grad_loss.to(acc);  // keeps strides (e.g. 0 for a broadcast mean)
+  CeArgs& a = p.args;
+  const at::Tensor g = set_grad_loss(a, grad_loss, acc_type(logits.scalar_type()));
   const at::Tensor lse_c = lse.contiguous();
   if (!out.defined()) out = empty_output(p.x.sizes(), p.x.options());
-  CeArgs& a = p.args;
   a.out = out.data_ptr();
-  a.grad = g.data_ptr();
-  a.grad_stride_outer = g.stride(0);
-  a.grad_stride_inner = g.stride(1);
   a.lse_in = lse_c.data_ptr<double>();
   const KernelTable& k = kernels();
   run_ce(prob ? k.ce_prob_bwd : k.ce_bwd, a, k.block_lanes(a.dtype));
   return out;
+}
+
+// Forward and backward in one pass: each thread runs the forward kernel over a few work units,
+// then the backward kernel over the same units while their logits are still in its cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps, double z,
+    double softcap, bool prob) {
+  Prepared p = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
+  const int64_t O = logits.size(0), I = logits.size(2);
+  CeArgs& a = p.args;
+  const at::Tensor g = set_grad_loss(a, grad_loss, acc_type(logits.scalar_type()));
+  at::Tensor loss = at::empty({O, I}, logits.options().dtype(acc_type(logits.scalar_type())));
+  at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
+  at::Tensor out = empty_output(p.x.sizes(), p.x.options());
+  a.loss = loss.data_ptr();
+  a.lse_out = lse.data_ptr<double>();
+  a.lse_in = a.lse_out;
+  a.out = out.data_ptr();
+  const KernelTable& k = kernels();
+  run_ce_fused(prob ? k.ce_prob_fwd : k.ce_fwd, prob ? k.ce_prob_bwd : k.ce_bwd, a,
+               k.block_lanes(a.dtype));
+  return {loss, lse, out};
 }
 
 // Every class index valid, checked before an in-place backward writes anything.
@@ -128,10 +158,20 @@ void validate_inplace(const at::Tensor& logits, const at::Tensor& target, int64_
   if (!prob) check_all_targets(target, logits.size(1), ignore_index);
 }
 
+// grad *= scale, skipped when scale is 1 (reading a CPU scalar costs nothing).
+void scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(scale.dim() == 0, "softmax_ce: argument 'scale' must be a 0-dim tensor, got ",
+              scale.dim(), "-D");
+  TORCH_CHECK(grad.device().is_cpu() && scale.device().is_cpu(),
+              "softmax_ce: arguments 'grad' and 'scale' must be on the CPU");
+  if (scale.item<double>() != 1.0) grad.mul_(scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
-  CeEntryPoints<&forward, &backward, &validate_inplace>::register_all(m);
+  CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward>::register_all(m);
+  m.impl("scale_grad_", &scale_grad);
 }
 
 }  // namespace softmax_ce::cpu

@@ -3,8 +3,10 @@
 // Rows (inner == 1): a group of GROUP threads per row (GROUP <= 32: part of a warp, several rows
 // per block; GROUP > 32: the whole block), 16-byte loads (kUnroll in flight per thread), one pass
 // over the row with online max/sum, per-row float64 lse. The common case (no soft-capping, no
-// smoothing, class-index target) has its own instantiation (kFast) with a minimal inner loop. The backward reads the row once and writes the gradient once;
-// the true-class term is folded into the per-element formula, so every gradient element is
+// smoothing, class-index target) has its own instantiation (kFast) with a minimal inner loop.
+// The backward reads the row once and writes the gradient once; the fused forward+backward
+// (ce_fwd_bwd: the gradient for an upstream gradient known at forward time) runs both passes in
+// one kernel, the second reading the row from L2 right after the first. The true-class term is folded into the per-element formula, so every gradient element is
 // formed in float and rounded once. inner > 1 (e.g. (N, C, H, W)): one thread per position,
 // looping over classes with stride inner (coalesced across positions). No host synchronisation:
 // an out-of-range class index gives that position a NaN loss / gradient and is recorded in
@@ -14,6 +16,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "../common/ce_entry_points.h"
 #include "device_common.cuh"
@@ -54,6 +62,7 @@ struct CeParams {
   const double* lse_in;
   const void* grad;
   int64_t gso, gsi;
+  int64_t cache_packs;  // fused forward+backward: packs of a row kept in shared memory
 };
 
 // Per-launch constants of the formulas in row_math.h.
@@ -148,12 +157,13 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
   }
 }
 
-template <typename T, int GROUP, bool kFast>
-__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwd_rows_kernel(CeParams p, bool prob) {
-  using acc_t = typename AccOf<T>::type;
-  __shared__ Stats<acc_t> smem[32];
-  const RowSlot<GROUP> slot(p.outer);
-  const CeConsts<acc_t> kc(p, prob);
+// The forward of one row: its loss and lse written by the group's first thread; every thread of
+// the group gets the row's statistics. All threads of the block must call it.
+template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> fwd_row(const CeParams& p, bool prob,
+                                                const RowSlot<GROUP>& slot,
+                                                const CeConsts<acc_t>& kc, Stats<acc_t>* smem,
+                                                Pack<T>* cache = nullptr) {
   const int64_t C = p.C, row = slot.row;
   const T* x = static_cast<const T*>(p.x) + (slot.active ? row * C : 0);
   const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
@@ -166,24 +176,35 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwd_rows_kernel(
   }
   Stats<acc_t> st;
   st.init();
-  row_foreach<T>(x, slot.active ? C : 0, slot.tid, GROUP,
-                 [&](const T* vals, int count, int64_t c0) {
-                   accumulate<kFast>(st, vals, count, c0, t_row, prob, kc);
-                 });
+  row_foreach<T, M>(
+      x, slot.active ? C : 0, slot.tid, GROUP,
+      [&](const T* vals, int count, int64_t c0) {
+        accumulate<kFast>(st, vals, count, c0, t_row, prob, kc);
+      },
+      cache, p.cache_packs);
   st = group_reduce<GROUP>(st, smem);
   if (slot.active && slot.tid == 0) write_loss(p, prob, row, y, x_y, st);
+  return st;
 }
 
-template <typename T, bool kFast>
-__global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob) {
+template <typename T, int GROUP, bool kFast>
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
+  __shared__ Stats<acc_t> smem[32];
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  (void)fwd_row<T, GROUP, kFast>(p, prob, slot, kc, smem);
+}
+
+// The forward of one position of [outer, C, inner] (inner > 1): loss and lse written; returns
+// the statistics.
+template <typename T, bool kFast, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> fwd_position(const CeParams& p, bool prob, int64_t pos,
+                                                     const CeConsts<acc_t>& kc) {
   constexpr int B = 8;  // classes loaded per batch: loads in flight per thread
-  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (pos >= p.outer * p.inner) return;
   const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
   const T* x = static_cast<const T*>(p.x) + o * C * I + i;
   const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
-  const CeConsts<acc_t> kc(p, prob);
   int64_t y = p.ignore_index;
   acc_t x_y = acc_t(0);
   if (!prob) {
@@ -220,6 +241,15 @@ __global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob
     }
   }
   write_loss(p, prob, pos, y, x_y, st);
+  return st;
+}
+
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  (void)fwd_position<T, kFast>(p, prob, pos, CeConsts<acc_t>(p, prob));
 }
 
 // Per-position backward coefficients: grad_c = (k p_c - b_c - [c == y] tc) cap'(x_c) with
@@ -230,11 +260,12 @@ struct BwdCoef {
   int64_t y;
 };
 
+// lse: the position's (saved or just computed); a_prob: A for probability targets.
 template <typename acc_t>
 __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob, int64_t o,
-                                                   int64_t i, int64_t pos, acc_t a_prob) {
+                                                   int64_t i, int64_t pos, double lse,
+                                                   acc_t a_prob) {
   BwdCoef<acc_t> cf;
-  const double lse = p.lse_in[pos];
   split_lse(lse, cf.hi, cf.lo);  // a NaN lse makes every p_c (and so the gradient) NaN
   cf.g = static_cast<const acc_t*>(p.grad)[o * p.gso + i * p.gsi];
   const acc_t z = static_cast<acc_t>(p.z), eps = static_cast<acc_t>(p.eps);
@@ -286,6 +317,31 @@ __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv
   return (cf.k * pr - b) * d;
 }
 
+// The gradient of one row (slot.active) from its coefficients.
+template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowSlot<GROUP>& slot,
+                                        const CeConsts<acc_t>& kc, const BwdCoef<acc_t>& cf,
+                                        const Pack<T>* cache = nullptr) {
+  const int64_t C = p.C, row = slot.row;
+  const T* x = static_cast<const T*>(p.x) + row * C;
+  T* out = static_cast<T*>(p.out) + row * C;
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + row * C : nullptr;
+  row_foreach<T, M>(
+      x, C, slot.tid, GROUP,
+      [&](const T* vals, int count, int64_t c0) {
+        T res[kVec<T>];
+#pragma unroll
+        for (int k = 0; k < kVec<T>; ++k) {
+          if (k < count) {
+            res[k] = to_t<T>(
+                grad_element<kFast>(cf, ld(vals[k]), c0 + k, t_row + c0 + k, prob, kc));
+          }
+        }
+        store_pack(out + c0, res, count);
+      },
+      const_cast<Pack<T>*>(cache), p.cache_packs);
+}
+
 template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
@@ -293,8 +349,6 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(
   const RowSlot<GROUP> slot(p.outer);
   const CeConsts<acc_t> kc(p, prob);
   const int64_t C = p.C, row = slot.row, n = slot.active ? C : 0;
-  const T* x = static_cast<const T*>(p.x) + (slot.active ? row * C : 0);
-  T* out = static_cast<T*>(p.out) + (slot.active ? row * C : 0);
   const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
   acc_t a_prob = acc_t(0);
   if (prob) {  // A = sum_c w_c ((1-eps) t_c + eps/C)
@@ -304,38 +358,42 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(
     a_prob = group_sum<GROUP>(a_prob, smem);
   }
   if (!slot.active) return;  // no collective operation below
-  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, a_prob);
-  row_foreach<T>(x, n, slot.tid, GROUP, [&](const T* vals, int count, int64_t c0) {
-    T res[kVec<T>];
-#pragma unroll
-    for (int k = 0; k < kVec<T>; ++k) {
-      if (k < count) {
-        res[k] = to_t<T>(
-            grad_element<kFast>(cf, ld(vals[k]), c0 + k, t_row + c0 + k, prob, kc));
-      }
-    }
-    store_pack(out + c0, res, count);
-  });
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, p.lse_in[row], a_prob);
+  bwd_row<T, GROUP, kFast>(p, prob, slot, kc, cf);
 }
 
-template <typename T, bool kFast>
-__global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob) {
+// Forward and backward of a row in one kernel: the statistics pass reads the row, the gradient
+// pass reads it again. A block-wide group (GROUP > 32: one row per block) keeps the row's first
+// p.cache_packs packs in dynamic shared memory between the passes, so the second reads only the
+// rest from global memory (L2, while the block still works on it); smaller groups re-read from
+// L2 (their rows are at most 8 KB).
+extern __shared__ __align__(16) unsigned char g_row_cache[];
+
+template <typename T, int GROUP, bool kFast>
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
+  constexpr RowCache kFill = GROUP > 32 ? RowCache::kFill : RowCache::kNone;
+  constexpr RowCache kUse = GROUP > 32 ? RowCache::kUse : RowCache::kNone;
+  __shared__ Stats<acc_t> smem[32];
+  Pack<T>* cache = reinterpret_cast<Pack<T>*>(g_row_cache);
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  const Stats<acc_t> st = fwd_row<T, GROUP, kFast, kFill>(p, prob, slot, kc, smem, cache);
+  if (!slot.active) return;
+  const double lse = lse_from_stats(st.m, dlog(st.s));  // as write_loss stored it
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, slot.row, 0, slot.row, lse, st.sa);
+  bwd_row<T, GROUP, kFast, kUse>(p, prob, slot, kc, cf, cache);
+}
+
+// The gradient of one position of [outer, C, inner] (inner > 1).
+template <typename T, bool kFast, typename acc_t>
+__device__ __forceinline__ void bwd_position(const CeParams& p, bool prob, int64_t pos,
+                                             const CeConsts<acc_t>& kc, const BwdCoef<acc_t>& cf) {
   constexpr int B = 8;
-  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (pos >= p.outer * p.inner) return;
   const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
   const T* x = static_cast<const T*>(p.x) + o * C * I + i;
   T* out = static_cast<T*>(p.out) + o * C * I + i;
   const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
-  const CeConsts<acc_t> kc(p, prob);
-  acc_t a_prob = acc_t(0);
-  if (prob) {
-    for (int64_t c = 0; c < C; ++c) {
-      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
-    }
-  }
-  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, a_prob);
   for (int64_t c0 = 0; c0 < C; c0 += B) {
     T v[B];
     const int cnt = C - c0 < B ? static_cast<int>(C - c0) : B;
@@ -354,6 +412,37 @@ __global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob
   }
 }
 
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
+  const CeConsts<acc_t> kc(p, prob);
+  acc_t a_prob = acc_t(0);
+  if (prob) {
+    const T* t = static_cast<const T*>(p.prob) + o * C * I + i;
+    for (int64_t c = 0; c < C; ++c) {
+      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
+    }
+  }
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, p.lse_in[pos], a_prob);
+  bwd_position<T, kFast>(p, prob, pos, kc, cf);
+}
+
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(256) ce_fwdbwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  const int64_t I = p.inner, o = pos / I, i = pos - o * I;
+  const CeConsts<acc_t> kc(p, prob);
+  const Stats<acc_t> st = fwd_position<T, kFast>(p, prob, pos, kc);
+  const double lse = lse_from_stats(st.m, dlog(st.s));
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, lse, st.sa);
+  bwd_position<T, kFast>(p, prob, pos, kc, cf);
+}
+
 // ---------------------------------------------------------------------------------------------
 // launches
 // ---------------------------------------------------------------------------------------------
@@ -367,19 +456,74 @@ inline int row_group(int64_t C, int vec) {
   return 1024;
 }
 
+// What a launch computes: the forward (loss, lse), the backward (gradient from a saved lse), or
+// both in one pass over the logits.
+enum class Pass { kForward, kBackward, kBoth };
+
+// Shared memory a fused forward+backward block may use to keep its row: the device's opt-in
+// maximum less a margin for static shared memory, or SOFTMAX_CE_CUDA_ROW_CACHE_KB (0: none), an
+// experiment switch for the GPU check script.
+inline int64_t row_cache_budget() {
+  static const int64_t env_kb = [] {
+    const char* v = std::getenv("SOFTMAX_CE_CUDA_ROW_CACHE_KB");
+    return v && *v ? std::atoll(v) : int64_t(-1);
+  }();
+  const int64_t optin =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int64_t budget = std::max<int64_t>(0, optin - 2048);
+  return env_kb >= 0 ? std::min(budget, env_kb * 1024) : budget;
+}
+
+// Lets a kernel use the whole row-cache budget of dynamic shared memory (above the default
+// 48 KB), once per kernel and device, so that launches inside a CUDA-graph capture (after the
+// usual warm-up) make no such call.
+inline void allow_dynamic_smem(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(row_cache_budget())));
+  done.insert({kernel, device});
+}
+
+// Threads per row of the fused forward+backward: as row_group for narrow rows; a block of 256
+// up to 64 KB rows (several blocks per SM, each keeping its row in shared memory), then 1024.
+inline int row_group_fused(int64_t C, int vec) {
+  const int64_t packs = (C + vec - 1) / vec;
+  if (packs <= 512) return row_group(C, vec);
+  return packs <= 4096 ? 256 : 1024;
+}
+
 template <typename T, bool kFast>
-void launch_rows(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
+void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream) {
+  CeParams p = p_in;
+  p.cache_packs = 0;
   auto go = [&](auto group_c) {
     constexpr int G = decltype(group_c)::value;
     constexpr int threads = RowSlot<G>::kThreads;
     const int64_t blocks = (p.outer + RowSlot<G>::kRows - 1) / RowSlot<G>::kRows;
-    if (backward) {
-      ce_bwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
-    } else {
-      ce_fwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
+    switch (pass) {
+      case Pass::kForward:
+        return ce_fwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
+      case Pass::kBackward:
+        return ce_bwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
+      case Pass::kBoth: {
+        size_t smem = 0;
+        if (G > 32) {
+          p.cache_packs = std::min<int64_t>(p.C / kVec<T>, row_cache_budget() / 16);
+          smem = static_cast<size_t>(p.cache_packs) * 16;
+          if (smem > 48 * 1024) {
+            allow_dynamic_smem(reinterpret_cast<const void*>(ce_fwdbwd_rows_kernel<T, G, kFast>));
+          }
+        }
+        return ce_fwdbwd_rows_kernel<T, G, kFast><<<blocks, threads, smem, stream>>>(p, prob);
+      }
     }
   };
-  switch (row_group(p.C, kVec<T>)) {
+  switch (pass == Pass::kBoth ? row_group_fused(p.C, kVec<T>) : row_group(p.C, kVec<T>)) {
     case 4:
       return go(std::integral_constant<int, 4>{});
     case 32:
@@ -392,33 +536,57 @@ void launch_rows(const CeParams& p, bool prob, bool backward, cudaStream_t strea
 }
 
 template <typename T, bool kFast>
-void launch_inner(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
+void launch_inner(const CeParams& p, bool prob, Pass pass, cudaStream_t stream) {
   const int64_t blocks = (p.outer * p.inner + 255) / 256;
-  if (backward) {
-    ce_bwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
-  } else {
-    ce_fwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+  switch (pass) {
+    case Pass::kForward:
+      return ce_fwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+    case Pass::kBackward:
+      return ce_bwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+    case Pass::kBoth:
+      return ce_fwdbwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
   }
 }
 
 template <typename T>
-void launch(const CeParams& p, bool prob, bool backward, cudaStream_t stream) {
+void launch(const CeParams& p, bool prob, Pass pass, cudaStream_t stream) {
   if (p.outer == 0 || p.inner == 0) return;
   const bool fast = !prob && p.softcap <= 0 && p.eps <= 0;
   if (p.inner == 1) {
     if (fast) {
-      launch_rows<T, true>(p, prob, backward, stream);
+      launch_rows<T, true>(p, prob, pass, stream);
     } else {
-      launch_rows<T, false>(p, prob, backward, stream);
+      launch_rows<T, false>(p, prob, pass, stream);
     }
   } else {
     if (fast) {
-      launch_inner<T, true>(p, prob, backward, stream);
+      launch_inner<T, true>(p, prob, pass, stream);
     } else {
-      launch_inner<T, false>(p, prob, backward, stream);
+      launch_inner<T, false>(p, prob, pass, stream);
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grad *= *scale over n contiguous elements, nothing when *scale == 1 (read on the device, so
+// the host never waits for the upstream gradient).
+template <typename T>
+__global__ void __launch_bounds__(256) scale_kernel(T* grad, int64_t n, const void* scale_ptr,
+                                                    bool scale_double) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t s = scale_double ? static_cast<acc_t>(*static_cast<const double*>(scale_ptr))
+                               : static_cast<acc_t>(*static_cast<const float*>(scale_ptr));
+  if (s == acc_t(1)) return;
+  const int nthr = static_cast<int>(gridDim.x * blockDim.x);
+  const int tid = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  row_foreach<T>(grad, n, tid, nthr, [&](const T* vals, int count, int64_t c0) {
+    T res[kVec<T>];
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) res[k] = to_t<T>(ld(vals[k]) * s);
+    }
+    store_pack(grad + c0, res, count);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -491,17 +659,17 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
   return r;
 }
 
-void dispatch(const CeParams& p, at::ScalarType st, bool prob, bool backward) {
+void dispatch(const CeParams& p, at::ScalarType st, bool prob, Pass pass) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (st) {
     case at::kDouble:
-      return launch<double>(p, prob, backward, stream);
+      return launch<double>(p, prob, pass, stream);
     case at::kFloat:
-      return launch<float>(p, prob, backward, stream);
+      return launch<float>(p, prob, pass, stream);
     case at::kBFloat16:
-      return launch<c10::BFloat16>(p, prob, backward, stream);
+      return launch<c10::BFloat16>(p, prob, pass, stream);
     case at::kHalf:
-      return launch<c10::Half>(p, prob, backward, stream);
+      return launch<c10::Half>(p, prob, pass, stream);
     default:
       TORCH_CHECK(false, "softmax_ce: unsupported dtype ", st);
   }
@@ -518,8 +686,22 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
   at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
   r.p.loss = loss.data_ptr();
   r.p.lse_out = lse.data_ptr<double>();
-  dispatch(r.p, logits.scalar_type(), prob, false);
+  dispatch(r.p, logits.scalar_type(), prob, Pass::kForward);
   return {loss, lse};
+}
+
+// The per-position upstream gradient [outer, inner] into the kernel parameters; the returned
+// tensor (accumulation dtype, strides kept: 0 for a broadcast mean) must outlive the launch.
+at::Tensor set_grad_loss(CeParams& p, const at::Tensor& grad_loss, const at::Tensor& logits) {
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == p.outer &&
+                  grad_loss.size(1) == p.inner && grad_loss.device() == logits.device(),
+              "softmax_ce: argument 'grad_loss' must be [", p.outer, ", ", p.inner, "] on ",
+              logits.device());
+  at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
+  p.grad = g.data_ptr();
+  p.gso = g.stride(0);
+  p.gsi = g.stride(1);
+  return g;
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
@@ -529,22 +711,75 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const
   const c10::cuda::CUDAGuard guard(logits.device());
   Prepared r = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
   const int64_t O = logits.size(0), I = logits.size(2);
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == O && grad_loss.size(1) == I &&
-                  grad_loss.device() == logits.device(),
-              "softmax_ce: argument 'grad_loss' must be [", O, ", ", I, "] on ", logits.device());
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == O && lse.size(1) == I &&
                   lse.scalar_type() == at::kDouble && lse.device() == logits.device(),
               "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "] on ", logits.device());
-  const at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
+  const at::Tensor g = set_grad_loss(r.p, grad_loss, logits);
   const at::Tensor lse_c = lse.contiguous();
   if (!out.defined()) out = empty_aligned_like(r.x);
   r.p.out = out.data_ptr();
-  r.p.grad = g.data_ptr();
-  r.p.gso = g.stride(0);
-  r.p.gsi = g.stride(1);
   r.p.lse_in = lse_c.data_ptr<double>();
-  dispatch(r.p, logits.scalar_type(), prob, true);
+  dispatch(r.p, logits.scalar_type(), prob, Pass::kBackward);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps, double z,
+    double softcap, bool prob) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Prepared r = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
+  const int64_t O = logits.size(0), I = logits.size(2);
+  const at::Tensor g = set_grad_loss(r.p, grad_loss, logits);
+  at::Tensor loss = at::empty({O, I}, logits.options().dtype(acc_type(logits.scalar_type())));
+  at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
+  at::Tensor out = empty_aligned_like(r.x);
+  r.p.loss = loss.data_ptr();
+  r.p.lse_out = lse.data_ptr<double>();
+  r.p.out = out.data_ptr();
+  dispatch(r.p, logits.scalar_type(), prob, Pass::kBoth);
+  return {loss, lse, out};
+}
+
+void scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(scale.dim() == 0, "softmax_ce: argument 'scale' must be a 0-dim tensor, got ",
+              scale.dim(), "-D");
+  TORCH_CHECK(grad.is_cuda() && scale.device() == grad.device(),
+              "softmax_ce: arguments 'grad' and 'scale' must be on one CUDA device");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  if (!grad.is_contiguous() || grad.numel() == 0) {
+    if (grad.numel() != 0) grad.mul_(scale);  // not produced by forward_backward: plain torch
+    return;
+  }
+  const at::Tensor s = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kFloat);
+  const bool is_double = s.scalar_type() == at::kDouble;
+  const int64_t n = grad.numel();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (n + 256 * 8 - 1) / (256 * 8);
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 8)));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto go = [&](auto* ptr) {
+    using T = std::remove_pointer_t<decltype(ptr)>;
+    scale_kernel<T><<<blocks, 256, 0, stream>>>(ptr, n, s.data_ptr(), is_double);
+  };
+  switch (grad.scalar_type()) {
+    case at::kDouble:
+      go(grad.data_ptr<double>());
+      break;
+    case at::kFloat:
+      go(grad.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      go(grad.data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf:
+      go(grad.data_ptr<c10::Half>());
+      break;
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "softmax_ce: argument 'grad' must be float64, float32, ",
+                                  "bfloat16 or float16, got ", grad.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Nothing to check on the host: an out-of-range class index is handled on the device.
@@ -553,7 +788,8 @@ void validate_inplace(const at::Tensor&, const at::Tensor&, int64_t, bool) {}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CUDA, m) {
-  CeEntryPoints<&forward, &backward, &validate_inplace>::register_all(m);
+  CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward>::register_all(m);
+  m.impl("scale_grad_", &scale_grad);
 }
 
 }  // namespace softmax_ce::cuda

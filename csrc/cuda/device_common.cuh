@@ -210,10 +210,18 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem) {
 // element, then 16-byte packs, then the tail; f(const T* vals, int count, int64_t c0). Packs are
 // loaded kUnroll at a time before any is processed, so that several loads per thread are in
 // flight (a visit may store to the row it reads: the batch is read before anything is written).
+//
+// A row read twice (statistics, then outputs) can keep its first `cache_packs` packs in shared
+// memory: the first pass (kFill) copies them to `cache`, the second (kUse) reads them from there
+// and only the rest from global memory. A pack is visited by the same thread in every pass with
+// the same (n, tid, nthr), so a thread reads back only what it stored itself: no barrier needed.
 constexpr int kUnroll = 4;
 
-template <typename T, typename F>
-__device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, int nthr, F&& f) {
+enum class RowCache { kNone, kFill, kUse };
+
+template <typename T, RowCache M = RowCache::kNone, typename F>
+__device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, int nthr, F&& f,
+                                            Pack<T>* cache = nullptr, int64_t cache_packs = 0) {
   constexpr int V = kVec<T>;
   const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(row) / sizeof(T)) % V);
   const int64_t head = mis ? (V - mis < n ? V - mis : n) : 0;
@@ -223,16 +231,26 @@ __device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, in
   }
   const int64_t nvec = (n - head) / V;
   const Pack<T>* packs = reinterpret_cast<const Pack<T>*>(row + head);
+  auto load = [&](int64_t j) -> Pack<T> {
+    if (M == RowCache::kUse && j < cache_packs) return cache[j];
+    return packs[j];
+  };
+  auto keep = [&](int64_t j, const Pack<T>& v) {
+    if (M == RowCache::kFill && j < cache_packs) cache[j] = v;
+  };
   int64_t i = tid;
   for (; i + (kUnroll - 1) * static_cast<int64_t>(nthr) < nvec; i += kUnroll * nthr) {
     Pack<T> p[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) p[u] = packs[i + u * nthr];
+    for (int u = 0; u < kUnroll; ++u) p[u] = load(i + u * nthr);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) keep(i + u * nthr, p[u]);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) f(p[u].v, V, head + (i + u * nthr) * V);
   }
   for (; i < nvec; i += nthr) {
-    const Pack<T> p = packs[i];
+    const Pack<T> p = load(i);
+    keep(i, p);
     f(p.v, V, head + i * V);
   }
   for (int64_t c = head + nvec * V + tid; c < n; c += nthr) {

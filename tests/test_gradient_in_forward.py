@@ -1,0 +1,144 @@
+"""The gradient formed in the forward pass (mean / sum reductions, softmax_ce.gradient_in_forward):
+the same losses and gradients as the backward-time path, whatever the upstream gradient, a
+second backward, a differentiable backward or a reduction that ignores every position."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce
+from helpers import assert_close, assert_unchanged, checksum
+
+OPTIONS = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "smooth_z": {"label_smoothing": 0.1, "z_loss": 1e-3},
+    "softcap_weight": {"softcap": 4.0, "weight": True},
+    "ignore": {"ignore_index": 3},
+}
+
+
+def _case(device, dtype, kind, shape=(9, 67)):
+    C = shape[1]
+    x = (torch.randn(shape) * 3).to(dtype).to(device)
+    if kind == "prob":
+        t = torch.softmax(torch.randn(shape), 1).to(dtype).to(device)
+    else:
+        t = torch.randint(0, C, (shape[0],) + tuple(shape[2:]), device=device)
+        t.view(-1)[::4] = 3  # some positions hold class 3 (ignored with ignore_index=3)
+    return x, t
+
+
+def _loss_and_grad(x, t, kw, upstream, fused):
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.linspace(0.5, 1.5, x.shape[1], device=x.device).to(x.dtype)
+    x = x.detach().clone().requires_grad_()
+    with softmax_ce.gradient_in_forward(fused):
+        loss = softmax_ce.cross_entropy(x, t, **kw)
+    is_fused = "ReducedCrossEntropy" in type(loss.grad_fn).__name__ or any(
+        "ReducedCrossEntropy" in type(f[0]).__name__ for f in loss.grad_fn.next_functions if f[0])
+    (loss * upstream).backward()
+    return loss.detach(), x.grad, is_fused
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_same_as_backward_time_gradient(impl, device, dtype, kind, option):
+    kw = OPTIONS[option]
+    if kind == "prob" and "ignore_index" in kw:
+        pytest.skip("ignore_index applies to class indices")
+    x, t = _case(device, dtype, kind)
+    before = checksum(x, t)
+    for upstream in (1.0, -2.5):
+        loss_f, grad_f, used = _loss_and_grad(x, t, kw, upstream, True)
+        loss_u, grad_u, used_u = _loss_and_grad(x, t, kw, upstream, False)
+        assert used and not used_u
+        assert torch.equal(loss_f, loss_u)
+        if upstream == 1.0:  # the gradient of the forward, handed over untouched
+            assert torch.equal(grad_f, grad_u)
+        else:  # rescaled in place: one more rounding in low precision
+            assert_close(grad_f, grad_u, dtype, what=f"{option} {kind} upstream {upstream}")
+    assert_unchanged(before, x, t)
+
+
+def test_matches_torch_kdim_and_unbatched(impl, device):
+    for shape in ((3, 5, 4), (2, 6, 3, 5), (7,)):
+        C = shape[1] if len(shape) > 1 else shape[0]
+        x = torch.randn(shape, device=device, requires_grad=True)
+        t = torch.randint(0, C, shape[:1] + shape[2:] if len(shape) > 1 else (), device=device)
+        loss = softmax_ce.cross_entropy(x, t)
+        loss.backward()
+        x2 = x.detach().clone().requires_grad_()
+        F.cross_entropy(x2, t).backward()
+        torch.testing.assert_close(loss, F.cross_entropy(x2, t))
+        torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_second_backward_with_retain_graph(impl, device):
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    t = torch.randint(0, 40, (6,), device=device)
+    loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.05)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()  # the first backward handed its gradient over: this one recomputes
+    torch.testing.assert_close(x.grad, 2 * first)
+    x2 = x.detach().clone().requires_grad_()
+    F.cross_entropy(x2, t, label_smoothing=0.05).backward()
+    torch.testing.assert_close(first, x2.grad)
+
+
+def test_create_graph_double_backward(impl, device):
+    x = torch.randn(5, 11, device=device, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (5,), device=device)
+    v = torch.randn(5, 11, device=device, dtype=torch.float64)
+    (g,) = torch.autograd.grad(softmax_ce.cross_entropy(x, t, z_loss=0.01), x, create_graph=True)
+    (h,) = torch.autograd.grad((g * v).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    loss2 = F.cross_entropy(x2, t) + 0.01 * (torch.logsumexp(x2, 1) ** 2).mean()
+    (g2,) = torch.autograd.grad(loss2, x2, create_graph=True)
+    (h2,) = torch.autograd.grad((g2 * v).sum(), x2)
+    torch.testing.assert_close(g, g2)
+    torch.testing.assert_close(h, h2)
+
+
+def test_probability_target_gradient_too(impl, device):
+    x = torch.randn(4, 9, device=device, requires_grad=True)
+    p = torch.softmax(torch.randn(4, 9, device=device), 1).requires_grad_()
+    softmax_ce.cross_entropy(x, p, label_smoothing=0.2).backward()
+    x2, p2 = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    F.cross_entropy(x2, p2, label_smoothing=0.2).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(p.grad, p2.grad)
+
+
+def test_every_position_ignored_like_torch(impl, device):
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    t = torch.full((4,), -100, device=device)
+    loss = softmax_ce.cross_entropy(x, t)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(x2, t)
+    expected.backward()
+    assert torch.isnan(loss) and torch.isnan(expected)
+    torch.testing.assert_close(x.grad, x2.grad, equal_nan=True)
+
+
+def test_not_used_without_grad_or_with_inplace(impl, device):
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    t = torch.randint(0, 6, (4,), device=device)
+    with torch.no_grad():
+        assert softmax_ce.cross_entropy(x, t).grad_fn is None
+    loss = softmax_ce.cross_entropy(x.detach(), t)
+    assert loss.grad_fn is None
+    loss = softmax_ce.cross_entropy(x.clone(), t, inplace_backward=True)
+    assert type(loss.grad_fn).__name__ != "ReducedCrossEntropyFunctionBackward"
+    loss = softmax_ce.cross_entropy(x, t, reduction="none")
+    assert "ReducedCrossEntropy" not in type(loss.grad_fn).__name__
+
+
+def test_bad_target_raises_before_anything_is_returned(cpu_impl):
+    x = torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(IndexError):
+        softmax_ce.cross_entropy(x, torch.tensor([0, 1, 6, 2]))
