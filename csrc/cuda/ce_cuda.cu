@@ -125,23 +125,18 @@ template <bool kFast, typename T, typename acc_t>
 __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int count, int64_t c0,
                                            const T* t_row, bool prob, const CeConsts<acc_t>& kc) {
   acc_t v[kVec<T>];
+  ld_run(vals, count, v);
+  if (kFast) {
+    add_run_fast<kVec<T>>(st, v, count);
+    return;
+  }
   acc_t vm = -std::numeric_limits<acc_t>::infinity();
 #pragma unroll
   for (int k = 0; k < kVec<T>; ++k) {
     if (k < count) {
-      v[k] = kFast ? ld(vals[k]) : kc.cap.value(ld(vals[k]));
-      vm = kFast ? fmax(vm, v[k]) : nan_max(vm, v[k]);
+      v[k] = kc.cap.value(v[k]);
+      vm = nan_max(vm, v[k]);
     }
-  }
-  if (kFast) {
-    if (vm > st.m) st.rebase(vm);
-    if (st.m > -std::numeric_limits<acc_t>::infinity()) {
-#pragma unroll
-      for (int k = 0; k < kVec<T>; ++k) {
-        if (k < count) st.s += dexp(v[k] - st.m);
-      }
-    }
-    return;
   }
   st.rebase(nan_max(st.m, vm));
 #pragma unroll
@@ -296,24 +291,26 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob,
   return cf;
 }
 
-// One gradient element; kFast: no soft-capping, no smoothing, class-index target.
+// One gradient element (class c, is_target: c == y); kFast: no soft-capping, no smoothing,
+// class-index target.
 template <bool kFast, typename T, typename acc_t>
 __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv, int64_t c,
-                                              const T* t_c, bool prob, const CeConsts<acc_t>& kc) {
+                                              bool is_target, const T* t_c, bool prob,
+                                              const CeConsts<acc_t>& kc) {
   if (kFast) {
-    const acc_t g = cf.k * dexp((xv - cf.hi) - cf.lo);
-    return c == cf.y ? g - cf.tc : g;
+    const acc_t g = cf.k * dexp_minus(xv, cf.hi, cf.lo);
+    return is_target ? g - cf.tc : g;
   }
   acc_t d;
   const acc_t xs = kc.cap.value_and_derivative(xv, d);
-  const acc_t pr = dexp((xs - cf.hi) - cf.lo);
+  const acc_t pr = dexp_minus(xs, cf.hi, cf.lo);
   acc_t b = acc_t(0);
   if (prob) {
     b = cf.g * (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(*t_c) + kc.eps_c);
   } else if (kc.smooth) {
     b = cf.bs * (kc.w ? kc.w[c] : acc_t(1));
   }
-  if (c == cf.y) b += cf.tc;
+  if (is_target) b += cf.tc;
   return (cf.k * pr - b) * d;
 }
 
@@ -329,12 +326,16 @@ __device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowS
   row_foreach<T, M>(
       x, C, slot.tid, GROUP,
       [&](const T* vals, int count, int64_t c0) {
+        acc_t xv[kVec<T>];
+        ld_run(vals, count, xv);
+        const int64_t rel = cf.y - c0;  // the target's place in this run, if it is there
+        const int r = rel >= 0 && rel < count ? static_cast<int>(rel) : -1;
         T res[kVec<T>];
 #pragma unroll
         for (int k = 0; k < kVec<T>; ++k) {
           if (k < count) {
             res[k] = to_t<T>(
-                grad_element<kFast>(cf, ld(vals[k]), c0 + k, t_row + c0 + k, prob, kc));
+                grad_element<kFast>(cf, xv[k], c0 + k, k == r, t_row + c0 + k, prob, kc));
           }
         }
         store_pack(out + c0, res, count);
@@ -405,8 +406,8 @@ __device__ __forceinline__ void bwd_position(const CeParams& p, bool prob, int64
     for (int k = 0; k < B; ++k) {
       if (k < cnt) {
         const int64_t c = c0 + k;
-        out[c * I] = to_t<T>(grad_element<kFast>(cf, ld(v[k]), c, prob ? t + c * I : nullptr,
-                                                 prob, kc));
+        out[c * I] = to_t<T>(grad_element<kFast>(cf, ld(v[k]), c, c == cf.y,
+                                                 prob ? t + c * I : nullptr, prob, kc));
       }
     }
   }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../common/row_math.h"
 
@@ -40,6 +41,28 @@ __device__ __forceinline__ float ld<c10::Half>(c10::Half v) {
   return __half2float(__ushort_as_half(v.x));
 }
 
+// out[k] = ld(vals[k]) for k < count, where a whole pack (count == kVec) is 16-byte aligned.
+// bf16 packs convert two values per 32-bit word with one instruction each (a shift for the low
+// half, a mask for the high half) instead of extracting every 16-bit value first.
+template <typename T>
+__device__ __forceinline__ void ld_run(const T* vals, int count, typename AccOf<T>::type* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (count == kVec<T>) {
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(vals);
+#pragma unroll
+      for (int k = 0; k < kVec<T> / 2; ++k) {
+        out[2 * k] = __uint_as_float(w[k] << 16);
+        out[2 * k + 1] = __uint_as_float(w[k] & 0xFFFF0000u);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (k < count) out[k] = ld(vals[k]);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T to_t(typename AccOf<T>::type v) {
   return static_cast<T>(v);
@@ -55,13 +78,35 @@ __device__ __forceinline__ c10::Half to_t<c10::Half>(float v) {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t dexp(acc_t x);
+// 2^x on the special-function unit, results below 2^-126 flushed to zero: __expf without -ftz
+// adds three instructions per element to keep such subnormal results, which no sum of
+// exponentials here can feel (the row's maximum contributes 1) and which differ from a
+// probability by less than 2^-126. 2^-inf = 0, 2^inf = inf, NaN stays NaN.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+
 template <>
 __device__ __forceinline__ float dexp<float>(float x) {
-  return __expf(x);  // ex2.approx: exp(-inf) = 0, NaN stays NaN
+  return ex2_ftz(x * kLog2e);
 }
 template <>
 __device__ __forceinline__ double dexp<double>(double x) {
   return exp(x);
+}
+
+// exp(x - hi - lo) for an lse split into hi + lo (split_lse): in float one subtraction, one
+// fused multiply-add and the exponential (lo log2 e is a per-row constant).
+template <typename acc_t>
+__device__ __forceinline__ acc_t dexp_minus(acc_t x, acc_t hi, acc_t lo) {
+  return dexp((x - hi) - lo);
+}
+template <>
+__device__ __forceinline__ float dexp_minus<float>(float x, float hi, float lo) {
+  return ex2_ftz(fmaf(x - hi, kLog2e, -lo * kLog2e));
 }
 
 template <typename acc_t>
@@ -118,6 +163,24 @@ struct Stats {
     sa += b.sa;
   }
 };
+
+// Statistics of a run of `count` (<= N) values without coefficients: a max, then one exp per
+// element. NaN values reach the sum (exp(NaN) = NaN) rather than the maximum, which is NaN-blind.
+template <int N, typename acc_t>
+__device__ __forceinline__ void add_run_fast(Stats<acc_t>& st, const acc_t* v, int count) {
+  acc_t vm = v[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) {
+    if (k < count) vm = fmax(vm, v[k]);
+  }
+  if (vm > st.m) st.rebase(vm);
+  if (st.m > -std::numeric_limits<acc_t>::infinity()) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (k < count) st.s += dexp(v[k] - st.m);
+    }
+  }
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t shfl_xor(acc_t v, int offset, int width) {

@@ -30,21 +30,8 @@ __device__ __forceinline__ acc_t softmax_value(acc_t x, acc_t m, acc_t log_s, bo
 template <typename T, typename acc_t>
 __device__ __forceinline__ void softmax_accumulate(Stats<acc_t>& st, const T* vals, int count) {
   acc_t v[kVec<T>];
-  acc_t vm = -std::numeric_limits<acc_t>::infinity();
-#pragma unroll
-  for (int k = 0; k < kVec<T>; ++k) {
-    if (k < count) {
-      v[k] = ld(vals[k]);
-      vm = fmax(vm, v[k]);
-    }
-  }
-  if (vm > st.m) st.rebase(vm);
-  if (st.m > -std::numeric_limits<acc_t>::infinity()) {
-#pragma unroll
-    for (int k = 0; k < kVec<T>; ++k) {
-      if (k < count) st.s += dexp(v[k] - st.m);
-    }
-  }
+  ld_run(vals, count, v);
+  add_run_fast<kVec<T>>(st, v, count);
 }
 
 template <typename T, int GROUP>
