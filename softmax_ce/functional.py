@@ -137,8 +137,10 @@ def _reduced_ce(x3, t, w, denom, reduction, inplace, *args):
 
     if _fuse_gradient(x3, reduction, inplace):
         acc = acc_dtype(x3.dtype)
-        if reduction == "mean":
-            scale = torch.reciprocal(torch.as_tensor(denom, dtype=acc, device=x3.device))
+        if reduction == "mean" and isinstance(denom, Tensor):
+            scale = torch.reciprocal(denom.to(acc))
+        elif reduction == "mean":  # a fill, not a host-to-device copy (CUDA-graph capturable)
+            scale = torch.full((), 1.0 / denom, dtype=acc, device=x3.device)
         else:
             scale = torch.ones((), dtype=acc, device=x3.device)
         scale = scale.expand(x3.shape[0], x3.shape[2])

@@ -16,17 +16,25 @@ def _compiled():
         pytest.skip("CUDA kernels not built")
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_cuda_graph_capture_forward_backward(inplace):
+@pytest.mark.parametrize("inplace,kind,reduction", [
+    (False, "index", "mean"),  # the gradient formed in the forward pass
+    (False, "index", "sum"),
+    (False, "prob", "mean"),
+    (True, "index", "mean"),   # the in-place gradient, formed in the backward
+])
+def test_cuda_graph_capture_forward_backward(inplace, kind, reduction):
     _compiled()
     torch.manual_seed(0)
     x0 = torch.randn(64, 1000, device="cuda")
     t = torch.randint(0, 1000, (64,), device="cuda")
+    if kind == "prob":
+        t = torch.softmax(torch.randn(64, 1000, device="cuda"), 1)
     x = x0.clone().requires_grad_()
+    kw = dict(label_smoothing=0.1, reduction=reduction)
 
     def step():
         x.grad = None
-        loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=inplace)
+        loss = softmax_ce.cross_entropy(x, t, inplace_backward=inplace, **kw)
         loss.backward()
         return loss
 
@@ -43,14 +51,14 @@ def test_cuda_graph_capture_forward_backward(inplace):
         x.copy_(x0)
     x.grad = None
     with torch.cuda.graph(graph):
-        loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=inplace)
+        loss = softmax_ce.cross_entropy(x, t, inplace_backward=inplace, **kw)
         loss.backward()
     with torch.no_grad():
         x.copy_(x0)
     graph.replay()
     torch.cuda.synchronize()
     xr = x0.clone().requires_grad_()
-    ref = F.cross_entropy(xr, t, label_smoothing=0.1)
+    ref = F.cross_entropy(xr, t, **kw)
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(x.grad, xr.grad)
@@ -84,7 +92,8 @@ def test_out_of_range_target_is_nan_and_recorded():
 ])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3},
                                      {"softcap": 20.0}, {"weight": True}])
-def test_launch_shapes(shape, dtype, options):
+@pytest.mark.parametrize("reduction", ["none", "mean"])  # mean: one fused forward+backward kernel
+def test_launch_shapes(shape, dtype, options, reduction):
     _compiled()
     torch.manual_seed(0)
     C = shape[1]
@@ -96,26 +105,27 @@ def test_launch_shapes(shape, dtype, options):
         w = torch.rand(C, device="cuda") + 0.5
     xr = x.clone().requires_grad_()
     ours = softmax_ce.cross_entropy(xr, t, w.to(dtype) if w is not None else None,
-                                    reduction="none", **kw)
+                                    reduction=reduction, **kw)
     up = torch.randn(ours.shape, device="cuda")
     (g,) = torch.autograd.grad(ours, xr, up.to(ours.dtype))
     with softmax_ce.force_reference():
         xd = x.double().requires_grad_()
         ref = softmax_ce.cross_entropy(xd, t, w.double() if w is not None else None,
-                                       reduction="none", **kw)
+                                       reduction=reduction, **kw)
         (g_ref,) = torch.autograd.grad(ref, xd, up.double())
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * 0.1 + 1e-7)
 
 
-def test_unaligned_logits_pointer():
+@pytest.mark.parametrize("C", [1000, 20000])  # 20000: the fused kernel's shared-memory row cache
+def test_unaligned_logits_pointer(C):
     """Logits whose data pointer is not 16-byte aligned (a storage offset of one element)."""
     _compiled()
-    base = torch.randn(8 * 1000 + 1, device="cuda")
-    x = base[1:].view(8, 1000)
+    base = torch.randn(8 * C + 1, device="cuda")
+    x = base[1:].view(8, C)
     assert x.data_ptr() % 16 != 0
-    t = torch.randint(0, 1000, (8,), device="cuda")
+    t = torch.randint(0, C, (8,), device="cuda")
     xr = x.clone().requires_grad_()  # aligned copy for the reference
     xo = x.detach().requires_grad_()
     ours = softmax_ce.cross_entropy(xo, t)
