@@ -12,6 +12,8 @@
 #          formed in the backward
 #   bench  the benchmark on cuda (all default shapes)
 #   tests  the test suite on cuda
+#   profile (not by default) Nsight Compute metrics of the forward and fused kernels at the
+#          two target shapes: throughput, occupancy, registers, stall reasons
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -85,6 +87,26 @@ tune() {
         | grep "^| custom" | cut -d'|' -f6-8,11-14 | tee -a "$OUT/tune.md"
     done
   done
+}
+
+profile() {
+  if ! command -v ncu > /dev/null; then echo "  ncu not found"; return; fi
+  stamp "ncu: forward and fused forward+backward kernels at the target shapes"
+  cat > "$OUT/profile.py" <<'PYEOF'
+import torch, softmax_ce
+for shape, dtype in (((4096, 128256), torch.bfloat16), ((8192, 32000), torch.float32)):
+    x = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    t = torch.randint(0, shape[1], (shape[0],), device="cuda")
+    with torch.no_grad():
+        softmax_ce.cross_entropy(x, t)
+    softmax_ce.cross_entropy(x, t).backward()
+torch.cuda.synchronize()
+PYEOF
+  ncu --kernel-name regex:"ce_fwd_rows|ce_fwdbwd_rows" --launch-count 4 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats $PY "$OUT/profile.py" > "$OUT/ncu.log" 2>&1
+  grep -E "ce_fwd|Duration|Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Dynamic Shared|L2 Hit|Waves Per SM|Stall" \
+    "$OUT/ncu.log" | head -90
 }
 
 tests() {
