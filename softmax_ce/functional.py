@@ -8,7 +8,6 @@ graph break; out-of-range class indices are caught inside the kernels.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import warnings
@@ -93,25 +92,38 @@ def _check_extensions(label_smoothing, z_loss, softcap, fn) -> float:
 _state = threading.local()
 
 
-@contextlib.contextmanager
-def gradient_in_forward(enabled: bool = True):
+class gradient_in_forward:
     """Whether ``cross_entropy`` with a ``mean`` or ``sum`` reduction forms the logits' gradient
-    in its forward pass when they require grad (default: yes; this context, per thread).
+    in its forward pass when they require grad (default: yes). Like ``torch.set_grad_enabled``,
+    per thread, usable as a call (``softmax_ce.gradient_in_forward(False)`` sets it from then on)
+    or as a context manager (restores the previous setting on exit).
 
     With it the forward reads the logits once and writes their gradient once, and
     ``loss.backward()`` only hands that gradient over: the least memory traffic a forward plus
     backward can have. The gradient is held from the forward to the backward (the same peak
-    memory as computing it in the backward), is wasted work if no backward follows, and costs
-    one more pass if the upstream gradient is not 1 (e.g. a scaled loss). Without it the forward
-    reads the logits and the backward reads them again and writes the gradient. Not used under
-    ``torch.compile``, with ``inplace_backward=True`` or with ``reduction='none'``.
+    memory as computing it in the backward) and is wasted work if no backward follows. An
+    upstream gradient other than 1 costs one more pass over the gradient to rescale it: a loop
+    that always scales its loss before ``backward()`` (gradient accumulation by ``loss / k``,
+    ``GradScaler``, a sum divided by the number of tokens) moves more memory with it than
+    without it, and should turn it off. Without it the forward reads the logits and the backward
+    reads them again and writes the gradient. Not used under ``torch.compile``, with
+    ``inplace_backward=True`` or with ``reduction='none'``.
     """
-    previous = getattr(_state, "grad_in_forward", True)
-    _state.grad_in_forward = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.grad_in_forward = previous
+
+    def __init__(self, enabled: bool = True):
+        self.previous = _gradient_in_forward_enabled()
+        _state.grad_in_forward = bool(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _state.grad_in_forward = self.previous
+        return False
+
+
+def _gradient_in_forward_enabled() -> bool:
+    return getattr(_state, "grad_in_forward", True)
 
 
 def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
@@ -122,7 +134,7 @@ def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
         and torch.is_grad_enabled()
         and x3.numel() > 0
         and not torch.compiler.is_compiling()
-        and getattr(_state, "grad_in_forward", True)
+        and _gradient_in_forward_enabled()
     )
 
 
@@ -200,6 +212,10 @@ def cross_entropy(
         N x C buffer). The logits' contents are destroyed by backward and their version counter
         is bumped, so any other autograd use of them raises. Ignored under ``torch.compile``
         and with ``create_graph=True`` (falls back to a fresh gradient).
+
+    With a ``mean`` or ``sum`` reduction and logits that require grad, the gradient is formed in
+    the forward pass (one read of the logits, one write of the gradient) and handed over by
+    backward; see ``gradient_in_forward``.
     """
     fn = "cross_entropy"
     reduction = _reduction(size_average, reduce, reduction)

@@ -142,3 +142,25 @@ def test_bad_target_raises_before_anything_is_returned(cpu_impl):
     x = torch.randn(4, 6, requires_grad=True)
     with pytest.raises(IndexError):
         softmax_ce.cross_entropy(x, torch.tensor([0, 1, 6, 2]))
+
+
+def test_switch_as_call_and_context_manager(cpu_impl):
+    x = torch.randn(4, 6, requires_grad=True)
+    t = torch.randint(0, 6, (4,))
+
+    def fused():
+        return "ReducedCrossEntropy" in type(softmax_ce.cross_entropy(x, t).grad_fn).__name__
+
+    assert fused()
+    with softmax_ce.gradient_in_forward(False):
+        assert not fused()
+        with softmax_ce.gradient_in_forward(True):
+            assert fused()
+        assert not fused()
+    assert fused()
+    softmax_ce.gradient_in_forward(False)  # as a call: from then on, in this thread
+    try:
+        assert not fused()
+    finally:
+        softmax_ce.gradient_in_forward(True)
+    assert fused()
