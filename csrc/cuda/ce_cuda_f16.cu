@@ -1,0 +1,9 @@
+// The cross-entropy CUDA kernels for c10::Half logits (one translation unit per dtype).
+#include "ce_kernels.cuh"
+
+namespace softmax_ce::cuda {
+
+template void launch<c10::Half>(const CeParams&, bool, Pass, cudaStream_t);
+template void launch_scale<c10::Half>(c10::Half*, int64_t, const void*, bool, int, cudaStream_t);
+
+}  // namespace softmax_ce::cuda

@@ -1,0 +1,566 @@
+// CUDA kernels of the cross-entropy ops (schemas in softmax_ce/ops.py; bindings in ce_cuda.cu).
+//
+// Rows (inner == 1): a group of GROUP threads per row (GROUP <= 32: part of a warp, several rows
+// per block; GROUP > 32: the whole block), 16-byte loads (kUnroll in flight per thread), one pass
+// over the row with online max/sum, per-row float64 lse. The common case (no soft-capping, no
+// smoothing, class-index target) has its own instantiation (kFast) with a minimal inner loop.
+// The backward reads the row once and writes the gradient once. The fused forward+backward
+// (ce_fwd_bwd: the gradient for an upstream gradient known at forward time) runs both passes in
+// one kernel; a block-wide row is kept in shared memory between them. The true-class term is
+// folded into the per-element formula, so every gradient element is formed in float and rounded
+// once. inner > 1 (e.g. (N, C, H, W)): one thread per position, looping over classes with
+// stride inner (coalesced across positions). An out-of-range class index gives that position a
+// NaN loss / gradient and is recorded through p.bad_target, never a device-side assert.
+//
+// Included once per dtype by ce_cuda_<dtype>.cu, which instantiates launch<T> and launch_scale<T>.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <utility>
+
+#include "ce_launch.h"
+#include "device_common.cuh"
+
+namespace softmax_ce::cuda {
+
+__device__ __forceinline__ void report_bad_target(const CeParams& p, int64_t value) {
+  atomicCAS(p.bad_target, kNoBadTarget, static_cast<unsigned long long>(value));
+}
+
+// Per-launch constants of the formulas in row_math.h.
+template <typename acc_t>
+struct CeConsts {
+  Cap<acc_t> cap;
+  acc_t eps1, eps_c;
+  const acc_t* w;
+  bool dot, smooth;
+  __device__ __forceinline__ CeConsts(const CeParams& p, bool prob)
+      : cap(p.softcap),
+        eps1(static_cast<acc_t>(1 - p.eps)),
+        eps_c(p.C > 0 ? static_cast<acc_t>(p.eps / p.C) : acc_t(0)),
+        w(static_cast<const acc_t*>(p.weight)),
+        dot(prob || p.eps > 0),
+        smooth(p.eps > 0) {}
+};
+
+__device__ __forceinline__ int64_t load_target(const CeParams& p, int64_t pos) {
+  return p.target_i32 ? static_cast<int64_t>(static_cast<const int32_t*>(p.target)[pos])
+                      : static_cast<const int64_t*>(p.target)[pos];
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t weight_sum(const CeParams& p) {
+  return p.w_sum_dev ? *static_cast<const acc_t*>(p.w_sum_dev) : static_cast<acc_t>(p.w_sum_host);
+}
+
+// The loss of one position from its statistics (formulas in row_math.h); y and x_y were loaded
+// early by the caller (y = ignore_index when probabilities).
+template <typename acc_t>
+__device__ __forceinline__ void write_loss(const CeParams& p, bool prob, int64_t pos, int64_t y,
+                                           acc_t x_y, const Stats<acc_t>& st) {
+  const acc_t log_s = dlog(st.s);
+  const double lse = lse_from_stats(st.m, log_s);
+  p.lse_out[pos] = lse;
+  acc_t* loss = static_cast<acc_t*>(p.loss);
+  const acc_t z = static_cast<acc_t>(p.z);
+  if (prob) {
+    loss[pos] = ce_prob_loss(st.m, log_s, st.sa, st.d, z, lse);
+    return;
+  }
+  if (y == p.ignore_index) {
+    loss[pos] = acc_t(0);
+  } else if (y < 0 || y >= p.C) {
+    report_bad_target(p, y);
+    loss[pos] = std::numeric_limits<acc_t>::quiet_NaN();
+  } else {
+    const acc_t* w = static_cast<const acc_t*>(p.weight);
+    const acc_t eps = static_cast<acc_t>(p.eps);
+    loss[pos] = ce_index_loss(st.m, log_s, x_y, w ? w[y] : acc_t(1), st.d, weight_sum<acc_t>(p),
+                              eps, static_cast<acc_t>(p.eps / p.C), z, lse);
+  }
+}
+
+// Accumulate one visited run of `count` logits (a pack or a single element) into st.
+// kFast (no soft-capping, no smoothing, class-index target): a max, then one exp per element;
+// NaN logits reach the sum (exp(NaN) = NaN) rather than the maximum, which is NaN-blind.
+template <bool kFast, typename T, typename acc_t>
+__device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int count, int64_t c0,
+                                           const T* t_row, bool prob, const CeConsts<acc_t>& kc) {
+  acc_t v[kVec<T>];
+  ld_run(vals, count, v);
+  if (kFast) {
+    add_run_fast<kVec<T>>(st, v, count);
+    return;
+  }
+  acc_t vm = -std::numeric_limits<acc_t>::infinity();
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (k < count) {
+      v[k] = kc.cap.value(v[k]);
+      vm = nan_max(vm, v[k]);
+    }
+  }
+  st.rebase(nan_max(st.m, vm));
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) {
+    if (k < count) {
+      st.add(v[k]);
+      if (kc.dot) {
+        acc_t coef = kc.w ? kc.w[c0 + k] : acc_t(1);
+        if (prob) coef *= kc.eps1 * ld(t_row[c0 + k]) + kc.eps_c;
+        st.add_dot(v[k], coef);
+      }
+    }
+  }
+}
+
+// The forward of one row: its loss and lse written by the group's first thread; every thread of
+// the group gets the row's statistics. All threads of the block must call it.
+template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> fwd_row(const CeParams& p, bool prob,
+                                                const RowSlot<GROUP>& slot,
+                                                const CeConsts<acc_t>& kc, Stats<acc_t>* smem,
+                                                Pack<T>* cache = nullptr) {
+  const int64_t C = p.C, row = slot.row;
+  const T* x = static_cast<const T*>(p.x) + (slot.active ? row * C : 0);
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
+  // the target and its logit are loaded before the row, so their latency hides behind it
+  int64_t y = p.ignore_index;
+  acc_t x_y = acc_t(0);
+  if (slot.active && slot.tid == 0 && !prob) {
+    y = load_target(p, row);
+    if (y >= 0 && y < C) x_y = kc.cap.value(ld(x[y]));
+  }
+  Stats<acc_t> st;
+  st.init();
+  row_foreach<T, M>(
+      x, slot.active ? C : 0, slot.tid, GROUP,
+      [&](const T* vals, int count, int64_t c0) {
+        accumulate<kFast>(st, vals, count, c0, t_row, prob, kc);
+      },
+      cache, p.cache_packs);
+  st = group_reduce<GROUP>(st, smem);
+  if (slot.active && slot.tid == 0) write_loss(p, prob, row, y, x_y, st);
+  return st;
+}
+
+template <typename T, int GROUP, bool kFast>
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwd_rows_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  __shared__ Stats<acc_t> smem[32];
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  (void)fwd_row<T, GROUP, kFast>(p, prob, slot, kc, smem);
+}
+
+// The forward of one position of [outer, C, inner] (inner > 1): loss and lse written; returns
+// the statistics.
+template <typename T, bool kFast, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> fwd_position(const CeParams& p, bool prob, int64_t pos,
+                                                     const CeConsts<acc_t>& kc) {
+  constexpr int B = 8;  // classes loaded per batch: loads in flight per thread
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
+  const T* x = static_cast<const T*>(p.x) + o * C * I + i;
+  const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
+  int64_t y = p.ignore_index;
+  acc_t x_y = acc_t(0);
+  if (!prob) {
+    y = load_target(p, pos);
+    if (y >= 0 && y < C) x_y = kc.cap.value(ld(x[y * I]));
+  }
+  Stats<acc_t> st;
+  st.init();
+  for (int64_t c0 = 0; c0 < C; c0 += B) {
+    T v[B];
+    const int cnt = C - c0 < B ? static_cast<int>(C - c0) : B;
+#pragma unroll
+    for (int k = 0; k < B; ++k) {
+      if (k < cnt) v[k] = x[(c0 + k) * I];
+    }
+    // a strided batch is processed as one run; t / w are indexed from the base
+#pragma unroll
+    for (int k = 0; k < B; ++k) {
+      if (k < cnt) {
+        const acc_t a = kFast ? ld(v[k]) : kc.cap.value(ld(v[k]));
+        if (kFast) {
+          if (a > st.m) st.rebase(a);
+          if (st.m > -std::numeric_limits<acc_t>::infinity()) st.s += dexp(a - st.m);
+        } else {
+          st.rebase(nan_max(st.m, a));
+          st.add(a);
+          if (kc.dot) {
+            acc_t coef = kc.w ? kc.w[c0 + k] : acc_t(1);
+            if (prob) coef *= kc.eps1 * ld(t[(c0 + k) * I]) + kc.eps_c;
+            st.add_dot(a, coef);
+          }
+        }
+      }
+    }
+  }
+  write_loss(p, prob, pos, y, x_y, st);
+  return st;
+}
+
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(256) ce_fwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  (void)fwd_position<T, kFast>(p, prob, pos, CeConsts<acc_t>(p, prob));
+}
+
+// Per-position backward coefficients: grad_c = (k p_c - b_c - [c == y] tc) cap'(x_c) with
+// b_c = bs w_c (class-index smoothing) or g a_c (probabilities).
+template <typename acc_t>
+struct BwdCoef {
+  acc_t hi, lo, g, k, bs, tc;
+  int64_t y;
+};
+
+// lse: the position's (saved or just computed); a_prob: A for probability targets.
+template <typename acc_t>
+__device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob, int64_t o,
+                                                   int64_t i, int64_t pos, double lse,
+                                                   acc_t a_prob) {
+  BwdCoef<acc_t> cf;
+  split_lse(lse, cf.hi, cf.lo);  // a NaN lse makes every p_c (and so the gradient) NaN
+  cf.g = static_cast<const acc_t*>(p.grad)[o * p.gso + i * p.gsi];
+  const acc_t z = static_cast<acc_t>(p.z), eps = static_cast<acc_t>(p.eps);
+  const acc_t eps_c = p.C > 0 ? static_cast<acc_t>(p.eps / p.C) : acc_t(0);
+  cf.y = -1;
+  cf.bs = cf.tc = acc_t(0);
+  if (prob) {
+    cf.k = ce_prob_scale(cf.g, a_prob, z, lse);
+    return cf;
+  }
+  const int64_t y = load_target(p, pos);
+  if (y == p.ignore_index) {
+    cf.k = acc_t(0);  // a zero gradient (NaN where the logits are, as torch)
+    return cf;
+  }
+  if (y < 0 || y >= p.C) {
+    report_bad_target(p, y);
+    cf.hi = std::numeric_limits<acc_t>::quiet_NaN();
+    cf.k = acc_t(0);
+    return cf;
+  }
+  const acc_t* w = static_cast<const acc_t*>(p.weight);
+  const acc_t w_y = w ? w[y] : acc_t(1);
+  cf.k = ce_prob_scale(cf.g, ce_index_a(w_y, weight_sum<acc_t>(p), eps, eps_c), z, lse);
+  cf.bs = cf.g * eps_c;
+  cf.tc = cf.g * (acc_t(1) - eps) * w_y;
+  cf.y = y;
+  return cf;
+}
+
+// One gradient element (class c, is_target: c == y); kFast: no soft-capping, no smoothing,
+// class-index target.
+template <bool kFast, typename T, typename acc_t>
+__device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv, int64_t c,
+                                              bool is_target, const T* t_c, bool prob,
+                                              const CeConsts<acc_t>& kc) {
+  if (kFast) {
+    const acc_t g = cf.k * dexp_minus(xv, cf.hi, cf.lo);
+    return is_target ? g - cf.tc : g;
+  }
+  acc_t d;
+  const acc_t xs = kc.cap.value_and_derivative(xv, d);
+  const acc_t pr = dexp_minus(xs, cf.hi, cf.lo);
+  acc_t b = acc_t(0);
+  if (prob) {
+    b = cf.g * (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(*t_c) + kc.eps_c);
+  } else if (kc.smooth) {
+    b = cf.bs * (kc.w ? kc.w[c] : acc_t(1));
+  }
+  if (is_target) b += cf.tc;
+  return (cf.k * pr - b) * d;
+}
+
+// The gradient of one row (slot.active) from its coefficients.
+template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowSlot<GROUP>& slot,
+                                        const CeConsts<acc_t>& kc, const BwdCoef<acc_t>& cf,
+                                        const Pack<T>* cache = nullptr) {
+  const int64_t C = p.C, row = slot.row;
+  const T* x = static_cast<const T*>(p.x) + row * C;
+  T* out = static_cast<T*>(p.out) + row * C;
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + row * C : nullptr;
+  row_foreach<T, M>(
+      x, C, slot.tid, GROUP,
+      [&](const T* vals, int count, int64_t c0) {
+        acc_t xv[kVec<T>];
+        ld_run(vals, count, xv);
+        const int64_t rel = cf.y - c0;  // the target's place in this run, if it is there
+        const int r = rel >= 0 && rel < count ? static_cast<int>(rel) : -1;
+        T res[kVec<T>];
+#pragma unroll
+        for (int k = 0; k < kVec<T>; ++k) {
+          if (k < count) {
+            res[k] = to_t<T>(
+                grad_element<kFast>(cf, xv[k], c0 + k, k == r, t_row + c0 + k, prob, kc));
+          }
+        }
+        store_pack(out + c0, res, count);
+      },
+      const_cast<Pack<T>*>(cache), p.cache_packs);
+}
+
+template <typename T, int GROUP, bool kFast>
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  __shared__ acc_t smem[32];
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  const int64_t C = p.C, row = slot.row, n = slot.active ? C : 0;
+  const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
+  acc_t a_prob = acc_t(0);
+  if (prob) {  // A = sum_c w_c ((1-eps) t_c + eps/C)
+    for (int64_t c = slot.tid; c < n; c += GROUP) {
+      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t_row[c]) + kc.eps_c);
+    }
+    a_prob = group_sum<GROUP>(a_prob, smem);
+  }
+  if (!slot.active) return;  // no collective operation below
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, p.lse_in[row], a_prob);
+  bwd_row<T, GROUP, kFast>(p, prob, slot, kc, cf);
+}
+
+// Forward and backward of a row in one kernel: the statistics pass reads the row, the gradient
+// pass reads it again. A block-wide group (GROUP > 32: one row per block) keeps the row's first
+// p.cache_packs packs in dynamic shared memory between the passes, so the second reads only the
+// rest from global memory (L2, while the block still works on it); smaller groups re-read from
+// L2 (their rows are at most 8 KB).
+extern __shared__ __align__(16) unsigned char g_row_cache[];
+
+template <typename T, int GROUP, bool kFast>
+__global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr RowCache kFill = GROUP > 32 ? RowCache::kFill : RowCache::kNone;
+  constexpr RowCache kUse = GROUP > 32 ? RowCache::kUse : RowCache::kNone;
+  __shared__ Stats<acc_t> smem[32];
+  Pack<T>* cache = reinterpret_cast<Pack<T>*>(g_row_cache);
+  const RowSlot<GROUP> slot(p.outer);
+  const CeConsts<acc_t> kc(p, prob);
+  const Stats<acc_t> st = fwd_row<T, GROUP, kFast, kFill>(p, prob, slot, kc, smem, cache);
+  if (!slot.active) return;
+  const double lse = lse_from_stats(st.m, dlog(st.s));  // as write_loss stored it
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, slot.row, 0, slot.row, lse, st.sa);
+  bwd_row<T, GROUP, kFast, kUse>(p, prob, slot, kc, cf, cache);
+}
+
+// The gradient of one position of [outer, C, inner] (inner > 1).
+template <typename T, bool kFast, typename acc_t>
+__device__ __forceinline__ void bwd_position(const CeParams& p, bool prob, int64_t pos,
+                                             const CeConsts<acc_t>& kc, const BwdCoef<acc_t>& cf) {
+  constexpr int B = 8;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
+  const T* x = static_cast<const T*>(p.x) + o * C * I + i;
+  T* out = static_cast<T*>(p.out) + o * C * I + i;
+  const T* t = prob ? static_cast<const T*>(p.prob) + o * C * I + i : nullptr;
+  for (int64_t c0 = 0; c0 < C; c0 += B) {
+    T v[B];
+    const int cnt = C - c0 < B ? static_cast<int>(C - c0) : B;
+#pragma unroll
+    for (int k = 0; k < B; ++k) {  // the whole batch is read before any of it is written
+      if (k < cnt) v[k] = x[(c0 + k) * I];
+    }
+#pragma unroll
+    for (int k = 0; k < B; ++k) {
+      if (k < cnt) {
+        const int64_t c = c0 + k;
+        out[c * I] = to_t<T>(grad_element<kFast>(cf, ld(v[k]), c, c == cf.y,
+                                                 prob ? t + c * I : nullptr, prob, kc));
+      }
+    }
+  }
+}
+
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
+  const CeConsts<acc_t> kc(p, prob);
+  acc_t a_prob = acc_t(0);
+  if (prob) {
+    const T* t = static_cast<const T*>(p.prob) + o * C * I + i;
+    for (int64_t c = 0; c < C; ++c) {
+      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
+    }
+  }
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, p.lse_in[pos], a_prob);
+  bwd_position<T, kFast>(p, prob, pos, kc, cf);
+}
+
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(256) ce_fwdbwd_inner_kernel(CeParams p, bool prob) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= p.outer * p.inner) return;
+  const int64_t I = p.inner, o = pos / I, i = pos - o * I;
+  const CeConsts<acc_t> kc(p, prob);
+  const Stats<acc_t> st = fwd_position<T, kFast>(p, prob, pos, kc);
+  const double lse = lse_from_stats(st.m, dlog(st.s));
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, lse, st.sa);
+  bwd_position<T, kFast>(p, prob, pos, kc, cf);
+}
+
+// ---------------------------------------------------------------------------------------------
+// launches
+// ---------------------------------------------------------------------------------------------
+
+// Threads per row: a few for narrow rows, a warp up to ~256 packs, then a block.
+inline int row_group(int64_t C, int vec) {
+  const int64_t packs = (C + vec - 1) / vec;
+  if (packs <= 8) return 4;
+  if (packs <= 512) return 32;
+  if (packs <= 16384) return 256;
+  return 1024;
+}
+
+
+// Shared memory a fused forward+backward block may use to keep its row: the device's opt-in
+// maximum less a margin for static shared memory, or SOFTMAX_CE_CUDA_ROW_CACHE_KB (0: none), an
+// experiment switch for the GPU check script.
+inline int64_t row_cache_budget() {
+  static const int64_t env_kb = [] {
+    const char* v = std::getenv("SOFTMAX_CE_CUDA_ROW_CACHE_KB");
+    return v && *v ? std::atoll(v) : int64_t(-1);
+  }();
+  const int64_t optin =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int64_t budget = std::max<int64_t>(0, optin - 2048);
+  return env_kb >= 0 ? std::min(budget, env_kb * 1024) : budget;
+}
+
+// Lets a kernel use the whole row-cache budget of dynamic shared memory (above the default
+// 48 KB), once per kernel and device, so that launches inside a CUDA-graph capture (after the
+// usual warm-up) make no such call.
+inline void allow_dynamic_smem(const void* kernel) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count({kernel, device})) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(row_cache_budget())));
+  done.insert({kernel, device});
+}
+
+// Threads per row of the fused forward+backward: as row_group for narrow rows; a block of 256
+// up to 64 KB rows (several blocks per SM, each keeping its row in shared memory), then 1024.
+inline int row_group_fused(int64_t C, int vec) {
+  const int64_t packs = (C + vec - 1) / vec;
+  if (packs <= 512) return row_group(C, vec);
+  return packs <= 4096 ? 256 : 1024;
+}
+
+template <typename T, bool kFast>
+void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream) {
+  CeParams p = p_in;
+  p.cache_packs = 0;
+  auto go = [&](auto group_c) {
+    constexpr int G = decltype(group_c)::value;
+    constexpr int threads = RowSlot<G>::kThreads;
+    const int64_t blocks = (p.outer + RowSlot<G>::kRows - 1) / RowSlot<G>::kRows;
+    switch (pass) {
+      case Pass::kForward:
+        return ce_fwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
+      case Pass::kBackward:
+        return ce_bwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
+      case Pass::kBoth: {
+        size_t smem = 0;
+        if (G > 32) {
+          p.cache_packs = std::min<int64_t>(p.C / kVec<T>, row_cache_budget() / 16);
+          smem = static_cast<size_t>(p.cache_packs) * 16;
+          if (smem > 48 * 1024) {
+            allow_dynamic_smem(reinterpret_cast<const void*>(ce_fwdbwd_rows_kernel<T, G, kFast>));
+          }
+        }
+        return ce_fwdbwd_rows_kernel<T, G, kFast><<<blocks, threads, smem, stream>>>(p, prob);
+      }
+    }
+  };
+  switch (pass == Pass::kBoth ? row_group_fused(p.C, kVec<T>) : row_group(p.C, kVec<T>)) {
+    case 4:
+      return go(std::integral_constant<int, 4>{});
+    case 32:
+      return go(std::integral_constant<int, 32>{});
+    case 256:
+      return go(std::integral_constant<int, 256>{});
+    default:
+      return go(std::integral_constant<int, 1024>{});
+  }
+}
+
+template <typename T, bool kFast>
+void launch_inner(const CeParams& p, bool prob, Pass pass, cudaStream_t stream) {
+  const int64_t blocks = (p.outer * p.inner + 255) / 256;
+  switch (pass) {
+    case Pass::kForward:
+      return ce_fwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+    case Pass::kBackward:
+      return ce_bwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+    case Pass::kBoth:
+      return ce_fwdbwd_inner_kernel<T, kFast><<<blocks, 256, 0, stream>>>(p, prob);
+  }
+}
+
+template <typename T>
+void launch(const CeParams& p, bool prob, Pass pass, cudaStream_t stream) {
+  if (p.outer == 0 || p.inner == 0) return;
+  const bool fast = !prob && p.softcap <= 0 && p.eps <= 0;
+  if (p.inner == 1) {
+    if (fast) {
+      launch_rows<T, true>(p, prob, pass, stream);
+    } else {
+      launch_rows<T, false>(p, prob, pass, stream);
+    }
+  } else {
+    if (fast) {
+      launch_inner<T, true>(p, prob, pass, stream);
+    } else {
+      launch_inner<T, false>(p, prob, pass, stream);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grad *= *scale over n contiguous elements, nothing when *scale == 1 (read on the device, so
+// the host never waits for the upstream gradient).
+template <typename T>
+__global__ void __launch_bounds__(256) scale_kernel(T* grad, int64_t n, const void* scale_ptr,
+                                                    bool scale_double) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t s = scale_double ? static_cast<acc_t>(*static_cast<const double*>(scale_ptr))
+                               : static_cast<acc_t>(*static_cast<const float*>(scale_ptr));
+  if (s == acc_t(1)) return;
+  const int nthr = static_cast<int>(gridDim.x * blockDim.x);
+  const int tid = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  row_foreach<T>(grad, n, tid, nthr, [&](const T* vals, int count, int64_t c0) {
+    T res[kVec<T>];
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      if (k < count) res[k] = to_t<T>(ld(vals[k]) * s);
+    }
+    store_pack(grad + c0, res, count);
+  });
+}
+
+template <typename T>
+void launch_scale(T* grad, int64_t n, const void* scale, bool scale_double, int blocks,
+                  cudaStream_t stream) {
+  scale_kernel<T><<<blocks, 256, 0, stream>>>(grad, n, scale, scale_double);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace softmax_ce::cuda
