@@ -138,7 +138,10 @@ def test_unaligned_logits_pointer(C):
         torch.testing.assert_close(fn(x, 1), tfn(x, 1))
 
 
-@pytest.mark.parametrize("shape", [(40, 1000), (8, 50257), (3, 5, 17, 4), (129, 4)])
+# (16, 8000): 256-thread blocks holding the whole row in shared memory; (8, 50257): 1024 threads,
+# the whole row; (3, 128256): 1024 threads, part of the row (the rest read again from L2)
+@pytest.mark.parametrize("shape", [(40, 1000), (16, 8000), (8, 50257), (3, 128256),
+                                   (3, 5, 17, 4), (129, 4)])
 def test_softmax_shapes(shape):
     _compiled()
     x = torch.randn(shape, device="cuda", requires_grad=True)

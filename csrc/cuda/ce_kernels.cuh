@@ -20,10 +20,6 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <mutex>
-#include <set>
-#include <utility>
 
 #include "ce_launch.h"
 #include "device_common.cuh"
@@ -337,8 +333,6 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(
 // p.cache_packs packs in dynamic shared memory between the passes, so the second reads only the
 // rest from global memory (L2, while the block still works on it); smaller groups re-read from
 // L2 (their rows are at most 8 KB).
-extern __shared__ __align__(16) unsigned char g_row_cache[];
-
 template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
@@ -417,53 +411,6 @@ __global__ void __launch_bounds__(256) ce_fwdbwd_inner_kernel(CeParams p, bool p
 // launches
 // ---------------------------------------------------------------------------------------------
 
-// Threads per row: a few for narrow rows, a warp up to ~256 packs, then a block.
-inline int row_group(int64_t C, int vec) {
-  const int64_t packs = (C + vec - 1) / vec;
-  if (packs <= 8) return 4;
-  if (packs <= 512) return 32;
-  if (packs <= 16384) return 256;
-  return 1024;
-}
-
-
-// Shared memory a fused forward+backward block may use to keep its row: the device's opt-in
-// maximum less a margin for static shared memory, or SOFTMAX_CE_CUDA_ROW_CACHE_KB (0: none), an
-// experiment switch for the GPU check script.
-inline int64_t row_cache_budget() {
-  static const int64_t env_kb = [] {
-    const char* v = std::getenv("SOFTMAX_CE_CUDA_ROW_CACHE_KB");
-    return v && *v ? std::atoll(v) : int64_t(-1);
-  }();
-  const int64_t optin =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  const int64_t budget = std::max<int64_t>(0, optin - 2048);
-  return env_kb >= 0 ? std::min(budget, env_kb * 1024) : budget;
-}
-
-// Lets a kernel use the whole row-cache budget of dynamic shared memory (above the default
-// 48 KB), once per kernel and device, so that launches inside a CUDA-graph capture (after the
-// usual warm-up) make no such call.
-inline void allow_dynamic_smem(const void* kernel) {
-  static std::mutex mutex;
-  static std::set<std::pair<const void*, int>> done;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (done.count({kernel, device})) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(row_cache_budget())));
-  done.insert({kernel, device});
-}
-
-// Threads per row of the fused forward+backward: as row_group for narrow rows; a block of 256
-// up to 64 KB rows (several blocks per SM, each keeping its row in shared memory), then 1024.
-inline int row_group_fused(int64_t C, int vec) {
-  const int64_t packs = (C + vec - 1) / vec;
-  if (packs <= 512) return row_group(C, vec);
-  return packs <= 4096 ? 256 : 1024;
-}
-
 template <typename T, bool kFast>
 void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream) {
   CeParams p = p_in;
@@ -480,11 +427,8 @@ void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream
       case Pass::kBoth: {
         size_t smem = 0;
         if (G > 32) {
-          p.cache_packs = std::min<int64_t>(p.C / kVec<T>, row_cache_budget() / 16);
-          smem = static_cast<size_t>(p.cache_packs) * 16;
-          if (smem > 48 * 1024) {
-            allow_dynamic_smem(reinterpret_cast<const void*>(ce_fwdbwd_rows_kernel<T, G, kFast>));
-          }
+          p.cache_packs = row_cache_packs<T>(
+              p.C, reinterpret_cast<const void*>(ce_fwdbwd_rows_kernel<T, G, kFast>), &smem);
         }
         return ce_fwdbwd_rows_kernel<T, G, kFast><<<blocks, threads, smem, stream>>>(p, prob);
       }

@@ -1,6 +1,7 @@
 // CUDA kernels and bindings of softmax_fwd / softmax_bwd over dim 1 of [outer, C, inner].
-// Rows: a group of threads per row (as ce_cuda.cu): statistics in one pass, then the output in a
-// second pass (the row is usually still in L2). inner > 1: one thread per position.
+// Rows: a group of threads per row (as the cross-entropy kernels): statistics in one pass, then
+// the output in a second pass; a block-wide forward keeps its row in shared memory between the
+// two (narrower rows are read again from L2). inner > 1: one thread per position.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,6 +19,7 @@ struct SoftmaxParams {
   void* out;
   int64_t outer, C, inner;
   bool log;
+  int64_t cache_packs;  // forward, block-wide rows: packs of a row kept in shared memory
 };
 
 template <typename acc_t>
@@ -43,23 +45,33 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) softmax_fwd_rows_ke
   const int tid = slot.tid;
   const T* x = static_cast<const T*>(p.x) + off;
   T* out = static_cast<T*>(p.out) + off;
+  constexpr RowCache kFill = GROUP > 32 ? RowCache::kFill : RowCache::kNone;
+  constexpr RowCache kUse = GROUP > 32 ? RowCache::kUse : RowCache::kNone;
+  Pack<T>* cache = reinterpret_cast<Pack<T>*>(g_row_cache);
   Stats<acc_t> st;
   st.init();
-  row_foreach<T>(x, n, tid, GROUP,
-                 [&](const T* vals, int count, int64_t) { softmax_accumulate(st, vals, count); });
+  row_foreach<T, kFill>(
+      x, n, tid, GROUP,
+      [&](const T* vals, int count, int64_t) { softmax_accumulate(st, vals, count); }, cache,
+      p.cache_packs);
   st = group_reduce<GROUP>(st, smem);
   // a non-finite maximum (a row of -inf, or a +inf) makes the row NaN, as torch; NaN logits
   // already made the sum NaN
   const acc_t m = finite(st.m) ? st.m : std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t log_s = dlog(st.s);
-  row_foreach<T>(x, n, tid, GROUP, [&](const T* vals, int count, int64_t c0) {
-    T res[kVec<T>];
+  row_foreach<T, kUse>(
+      x, n, tid, GROUP,
+      [&](const T* vals, int count, int64_t c0) {
+        acc_t v[kVec<T>];
+        ld_run(vals, count, v);
+        T res[kVec<T>];
 #pragma unroll
-    for (int k = 0; k < kVec<T>; ++k) {
-      if (k < count) res[k] = to_t<T>(softmax_value(ld(vals[k]), m, log_s, p.log));
-    }
-    store_pack(out + c0, res, count);
-  });
+        for (int k = 0; k < kVec<T>; ++k) {
+          if (k < count) res[k] = to_t<T>(softmax_value(v[k], m, log_s, p.log));
+        }
+        store_pack(out + c0, res, count);
+      },
+      cache, p.cache_packs);
 }
 
 // softmax: gx = y (g - <g, y>);  log_softmax: gx = g - exp(y) sum(g).
@@ -140,16 +152,10 @@ __global__ void __launch_bounds__(256) softmax_bwd_inner_kernel(SoftmaxParams p)
 
 namespace {
 
-inline int softmax_group(int64_t C, int vec) {
-  const int64_t packs = (C + vec - 1) / vec;
-  if (packs <= 8) return 4;
-  if (packs <= 512) return 32;
-  if (packs <= 16384) return 256;
-  return 1024;
-}
-
 template <typename T, bool kBackward>
-void launch(const SoftmaxParams& p, cudaStream_t stream) {
+void launch(const SoftmaxParams& p_in, cudaStream_t stream) {
+  SoftmaxParams p = p_in;
+  p.cache_packs = 0;
   if (p.outer == 0 || p.inner == 0 || p.C == 0) return;
   if (p.inner != 1) {
     const int64_t blocks = (p.outer * p.inner + 255) / 256;
@@ -168,10 +174,15 @@ void launch(const SoftmaxParams& p, cudaStream_t stream) {
     if (kBackward) {
       softmax_bwd_rows_kernel<T, G><<<blocks, threads, 0, stream>>>(p);
     } else {
-      softmax_fwd_rows_kernel<T, G><<<blocks, threads, 0, stream>>>(p);
+      size_t smem = 0;
+      if (G > 32) {
+        p.cache_packs = row_cache_packs<T>(
+            p.C, reinterpret_cast<const void*>(softmax_fwd_rows_kernel<T, G>), &smem);
+      }
+      softmax_fwd_rows_kernel<T, G><<<blocks, threads, smem, stream>>>(p);
     }
   };
-  switch (softmax_group(p.C, kVec<T>)) {
+  switch (kBackward ? row_group(p.C, kVec<T>) : row_group_fused(p.C, kVec<T>)) {
     case 4:
       go(std::integral_constant<int, 4>{});
       break;
@@ -215,7 +226,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, bool log) {
   const at::Tensor xc = x.contiguous();
   at::Tensor out = empty_aligned_like(xc);
   SoftmaxParams p{xc.data_ptr(), nullptr, nullptr, out.data_ptr(), x.size(0), x.size(1),
-                  x.size(2), log};
+                  x.size(2), log, 0};
   dispatch<false>(p, x.scalar_type());
   return out;
 }
@@ -229,7 +240,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, bool log) 
   const at::Tensor gc = grad_y.to(y.scalar_type()).contiguous();
   at::Tensor out = empty_aligned_like(yc);
   SoftmaxParams p{nullptr, yc.data_ptr(), gc.data_ptr(), out.data_ptr(), y.size(0), y.size(1),
-                  y.size(2), log};
+                  y.size(2), log, 0};
   dispatch<true>(p, y.scalar_type());
   return out;
 }
