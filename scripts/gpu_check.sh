@@ -111,7 +111,7 @@ PYEOF
 
 tests() {
   stamp "tests on cuda"
-  SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q -x -k "cuda and not cpu" -p no:cacheprovider \
+  SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q --maxfail=10 -k "cuda and not cpu" -p no:cacheprovider \
     --durations=8 tests 2>&1 | tee "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 }
