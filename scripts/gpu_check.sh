@@ -72,7 +72,13 @@ PYEOF
   done
   so=$(ls softmax_ce/_C*.so 2>/dev/null | head -1)
   [ -n "$so" ] && ldd "$so" | grep -E "libstdc|libgcc_s|libgomp|libc10\.|libtorch_cpu" | sed 's/^/  ldd: /'
-  $PY -c "import torch, os; print('  torch lib:', os.path.dirname(torch.__file__)); print('  ABI', torch._C._GLIBCXX_USE_CXX11_ABI)"
+  $PY -c "
+import os, torch, softmax_ce
+softmax_ce.cross_entropy(torch.randn(64, 100), torch.randint(0, 100, (64,)))
+print('  torch:', os.path.dirname(torch.__file__), 'C++11 ABI', torch._C._GLIBCXX_USE_CXX11_ABI)
+for lib in sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in ('gomp', 'stdc++', 'gcc_s'))}):
+    print('  loaded:', lib)
+"
 }
 
 tune() {
