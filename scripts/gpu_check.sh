@@ -29,7 +29,7 @@ build() {
   stamp "GPU and toolchain"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  ${CXX:-g++} --version | head -1
+  echo "  host compiler (torch uses \$CXX, else c++): ${CXX:-$(command -v c++)}: $(${CXX:-c++} --version | head -1)"
   if [ -z "${CUDA_HOME:-}" ]; then
     for d in /usr/local/cuda /usr/local/cuda-13.0; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME=$d && break; done
   fi
