@@ -23,6 +23,7 @@ from .autograd import (
     SoftmaxCrossEntropyFunction,
     SoftmaxFunction,
 )
+from . import ops
 from .reference import acc_dtype
 
 __all__ = [
@@ -138,6 +139,22 @@ def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
     )
 
 
+def _tracks_grad(*tensors) -> bool:
+    """Whether autograd records this call: grad mode on and some input requires grad. Calls it
+    does not record skip the autograd.Function (a few microseconds per call) and run the op."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _ce_per_position(x3, t, w, inplace, *args):
+    """Per-position loss [outer, inner]; args: ignore_index, label_smoothing, z_loss, softcap."""
+    if _tracks_grad(x3, t):
+        loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t, w, *args, inplace)
+        return loss
+    if t.is_floating_point():
+        return ops.ce_prob_fwd(x3, t, w, *args[1:])[0]
+    return ops.ce_fwd(x3, t, w, *args)[0]
+
+
 def _reduced_ce(x3, t, w, denom, reduction, inplace, *args):
     """The mean / sum loss: through ReducedCrossEntropyFunction (gradient formed in the forward)
     where it applies, else the per-position Function and a reduction. ``denom``: the mean's
@@ -157,8 +174,7 @@ def _reduced_ce(x3, t, w, denom, reduction, inplace, *args):
             scale = torch.ones((), dtype=acc, device=x3.device)
         scale = scale.expand(x3.shape[0], x3.shape[2])
         return ReducedCrossEntropyFunction.apply(x3, t, w, scale, reduce, *args)
-    loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t, w, *args, inplace)
-    return reduce(loss)
+    return reduce(_ce_per_position(x3, t, w, inplace, *args))
 
 
 _SUM_CHUNK = 4096
@@ -276,7 +292,7 @@ def cross_entropy(
         t3 = t.reshape(outer, C, inner)
         args = (-100, float(label_smoothing), float(z_loss), cap)
         if reduction == "none":
-            loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t3, w, *args, inplace)
+            loss = _ce_per_position(x3, t3, w, inplace, *args)
             shape = (outer,) + spatial if input.dim() >= 2 else ()
             return loss.reshape(shape).to(out_dtype)
         total = _reduced_ce(x3, t3, w, outer * inner, reduction, inplace, *args)
@@ -307,7 +323,7 @@ def cross_entropy(
     t2 = t.reshape(outer, inner)
     args = (ignore_index, float(label_smoothing), float(z_loss), cap)
     if reduction == "none":
-        loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t2, w, *args, inplace)
+        loss = _ce_per_position(x3, t2, w, inplace, *args)
         return loss.reshape(target.shape).to(out_dtype)
     denom = None
     if reduction == "mean":
@@ -375,6 +391,12 @@ def _softmax_dim(ndim: int, stacklevel: int, name: str) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
+def _softmax_apply(function, x3):
+    if _tracks_grad(x3):
+        return function.apply(x3)
+    return ops.softmax_fwd(x3, function is LogSoftmaxFunction)
+
+
 def _softmax_common(function, name, input, dim, stacklevel, dtype):
     if dim is None:
         dim = _softmax_dim(input.dim(), stacklevel + 1, name)
@@ -386,7 +408,7 @@ def _softmax_common(function, name, input, dim, stacklevel, dtype):
             raise IndexError(
                 f"Dimension out of range (expected to be in range of [-1, 0], but got {dim})"
             )
-        return function.apply(input.reshape(1, 1, 1)).reshape(())
+        return _softmax_apply(function, input.reshape(1, 1, 1)).reshape(())
     ndim = input.dim()
     if not -ndim <= dim < ndim:
         raise IndexError(
@@ -396,7 +418,7 @@ def _softmax_common(function, name, input, dim, stacklevel, dtype):
     dim = dim % ndim
     shape = tuple(input.shape)
     x3 = input.reshape(_numel(shape[:dim]), shape[dim], _numel(shape[dim + 1:]))
-    return function.apply(x3).reshape(shape)
+    return _softmax_apply(function, x3).reshape(shape)
 
 
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
@@ -465,7 +487,10 @@ def binary_cross_entropy_with_logits(
     t = target if target.dtype == common else target.to(common)
     w = weight.to(common) if weight is not None else None
     pw = pos_weight.to(common) if pos_weight is not None else None
-    loss = SigmoidCrossEntropyFunction.apply(x, t, w, pw)
+    if _tracks_grad(x, t):
+        loss = SigmoidCrossEntropyFunction.apply(x, t, w, pw)
+    else:
+        loss = ops.sigmoid_ce_fwd(x, t, w, pw)
     if reduction == "none":
         return loss
     # accumulate in float32 (as torch's sum and mean do for half precision), in a fixed order
