@@ -64,11 +64,11 @@ def cases(draw):
 
 
 def _layout(x, memory):
-    """The same values in a different memory layout."""
+    """The same values in a different memory layout (on x's device)."""
     if memory == "transposed" and x.dim() >= 2:
         return x.transpose(0, 1).contiguous().transpose(0, 1)
     if memory == "offset":
-        buf = torch.empty(x.numel() + 3, dtype=x.dtype)
+        buf = torch.empty(x.numel() + 3, dtype=x.dtype, device=x.device)
         buf[3:] = x.reshape(-1)
         return buf[3:].view(x.shape)
     if memory == "expanded" and x.dim() >= 2 and x.shape[0] > 0:
@@ -78,7 +78,7 @@ def _layout(x, memory):
     return x
 
 
-def _make(case):
+def _make(case, device="cpu"):
     g = torch.Generator().manual_seed(case["seed"])
     shape, dtype = case["shape"], case["dtype"]
     cdim = 1 if len(shape) > 1 else 0
@@ -96,17 +96,18 @@ def _make(case):
         x[mask] = {"masked": -math.inf, "inf": math.inf, "nan": math.nan}[kind]
         if kind == "masked" and x.dim() >= 2 and x.shape[0] > 0:
             x.select(0, 0).fill_(-math.inf)  # one fully masked row (or spatial slice)
-    x = _layout(x.to(dtype), case["memory"])
+    x = _layout(x.to(dtype).to(device), case["memory"])
     if case["prob"]:
         t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), cdim).to(dtype)
-        t = _layout(t, case["memory"])
+        t = _layout(t.to(device), case["memory"])
     else:
         tshape = tuple(s for i, s in enumerate(shape) if i != cdim)
         t = torch.randint(0, C, tshape, generator=g)
         if case["ignore"] is not None and t.numel():
             t.view(-1)[torch.rand(t.numel(), generator=g) < 0.3] = case["ignore"]
+        t = t.to(device)
     w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.25).to(dtype) if case["weight"] else None
-    return x, t, w
+    return x, t, (w.to(device) if w is not None else None)
 
 
 def _truth(x, t, w, case, dtype=torch.float64):
@@ -140,7 +141,7 @@ def _loss_and_grad(fn, x, t, w, up_seed):
     x = x.detach().clone().requires_grad_()
     loss = fn(x, t, w)
     g = torch.Generator().manual_seed(up_seed)
-    up = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
+    up = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype).to(loss.device)
     if x.numel() == 0 or not loss.requires_grad:
         return loss.detach(), torch.zeros_like(x)
     (grad,) = torch.autograd.grad(loss, x, up)
@@ -169,7 +170,25 @@ def _check(ours, truth, theirs, dtype, what):
 
 @given(case=cases())
 def test_fuzz_cross_entropy(cpu_impl, case):
-    x, t, w = _make(case)
+    _fuzz_cross_entropy(case, "cpu")
+
+
+@pytest.fixture
+def cuda_compiled():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if softmax_ce.implementation("cuda") != "compiled":
+        pytest.skip("CUDA kernels not built")
+
+
+@given(case=cases())
+def test_fuzz_cross_entropy_cuda(cuda_compiled, case):
+    """The CUDA kernels against the same float64 truth and torch's own CPU result."""
+    _fuzz_cross_entropy(case, "cuda")
+
+
+def _fuzz_cross_entropy(case, device):
+    x, t, w = _make(case, device)
     dtype = case["dtype"]
     if case["prob"] and case["ignore"] is not None and case["ignore"] >= 0:
         case = dict(case, ignore=None)
@@ -181,6 +200,8 @@ def test_fuzz_cross_entropy(cpu_impl, case):
     loss, grad = _loss_and_grad(
         lambda x, t, w: softmax_ce.cross_entropy(x, t, w, **kw, **extra), x, t, w, case["seed"])
     assert loss.dtype == dtype
+    loss, grad = loss.cpu(), grad.cpu()
+    x, t, w = x.cpu(), t.cpu(), (w.cpu() if w is not None else None)
     x64 = x.detach().double().requires_grad_()
     truth = _truth(x64, t, w, case)
     up = torch.randn(truth.shape, generator=torch.Generator().manual_seed(case["seed"]),
