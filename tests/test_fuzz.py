@@ -229,6 +229,15 @@ def bce_cases(draw):
 
 @given(case=bce_cases())
 def test_fuzz_bce(cpu_impl, case):
+    _fuzz_bce(case, "cpu")
+
+
+@given(case=bce_cases())
+def test_fuzz_bce_cuda(cuda_compiled, case):
+    _fuzz_bce(case, "cuda")
+
+
+def _fuzz_bce(case, device):
     g = torch.Generator().manual_seed(case["seed"])
     shape, dtype = case["shape"], case["dtype"]
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
@@ -244,17 +253,19 @@ def test_fuzz_bce(cpu_impl, case):
     x, y = x.to(dtype).double(), y.to(dtype).double()
     w = None if w is None else w.to(dtype).double()
     pw = None if pw is None else pw.to(dtype).double()
-    cast = (lambda v, d: None if v is None else v.to(d))
     kw = dict(reduction=case["reduction"])
 
-    def run(fn, d):
-        xr = x.to(d).requires_grad_()
-        loss = fn(xr, y.to(d), cast(w, d), pos_weight=cast(pw, d), **kw)
-        up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        grad = torch.autograd.grad(loss, xr, up.to(loss.dtype))[0] if x.numel() else torch.zeros_like(xr)
-        return loss.detach(), grad
+    def run(fn, d, dev="cpu"):
+        def to(v):
+            return None if v is None else v.to(d).to(dev)
 
-    loss, grad = run(softmax_ce.binary_cross_entropy_with_logits, dtype)
+        xr = to(x).requires_grad_()
+        loss = fn(xr, to(y), to(w), pos_weight=to(pw), **kw)
+        up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grad = torch.autograd.grad(loss, xr, to(up).to(loss.dtype))[0] if x.numel() else torch.zeros_like(xr)
+        return loss.detach().cpu(), grad.cpu()
+
+    loss, grad = run(softmax_ce.binary_cross_entropy_with_logits, dtype, device)
     truth, g_truth = run(F.binary_cross_entropy_with_logits, torch.float64)
     theirs, g_theirs = run(F.binary_cross_entropy_with_logits, dtype)
     _check(loss, truth, theirs, dtype, f"{case} loss")
