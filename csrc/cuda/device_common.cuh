@@ -352,7 +352,6 @@ inline int row_group(int64_t C, int vec) {
   return 1024;
 }
 
-
 // Shared memory a block-wide row kernel may use to keep its row between two passes (the fused
 // cross-entropy forward+backward, softmax's forward): the device's opt-in maximum less a margin
 // for static shared memory, or SOFTMAX_CE_CUDA_ROW_CACHE_KB (0: none), an experiment switch for
