@@ -308,31 +308,41 @@ __device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowS
       const_cast<Pack<T>*>(cache), p.cache_packs);
 }
 
+// A = sum_c w_c ((1-eps) t_c + eps/C) of a row with probability targets (0 otherwise), summed in
+// one fixed order by every kernel that needs it, so that a gradient formed in the forward pass
+// and one recomputed in a later backward are bit-identical. All threads of the group call it.
+template <typename T, int GROUP, typename acc_t>
+__device__ __forceinline__ acc_t row_a_prob(const CeParams& p, bool prob,
+                                            const RowSlot<GROUP>& slot,
+                                            const CeConsts<acc_t>& kc, acc_t* smem) {
+  if (!prob) return acc_t(0);
+  const int64_t C = p.C, n = slot.active ? C : 0;
+  const T* t_row = static_cast<const T*>(p.prob) + (slot.active ? slot.row * C : 0);
+  acc_t a = acc_t(0);
+  for (int64_t c = slot.tid; c < n; c += GROUP) {
+    a += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t_row[c]) + kc.eps_c);
+  }
+  return group_sum<GROUP>(a, smem);
+}
+
 template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
   const RowSlot<GROUP> slot(p.outer);
   const CeConsts<acc_t> kc(p, prob);
-  const int64_t C = p.C, row = slot.row, n = slot.active ? C : 0;
-  const T* t_row = prob ? static_cast<const T*>(p.prob) + (slot.active ? row * C : 0) : nullptr;
-  acc_t a_prob = acc_t(0);
-  if (prob) {  // A = sum_c w_c ((1-eps) t_c + eps/C)
-    for (int64_t c = slot.tid; c < n; c += GROUP) {
-      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t_row[c]) + kc.eps_c);
-    }
-    a_prob = group_sum<GROUP>(a_prob, smem);
-  }
+  const acc_t a_prob = row_a_prob<T, GROUP>(p, prob, slot, kc, smem);
   if (!slot.active) return;  // no collective operation below
+  const int64_t row = slot.row;
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, row, 0, row, p.lse_in[row], a_prob);
   bwd_row<T, GROUP, kFast>(p, prob, slot, kc, cf);
 }
 
 // Forward and backward of a row in one kernel: the statistics pass reads the row, the gradient
-// pass reads it again. A block-wide group (GROUP > 32: one row per block) keeps the row's first
-// p.cache_packs packs in dynamic shared memory between the passes, so the second reads only the
-// rest from global memory (L2, while the block still works on it); smaller groups re-read from
-// L2 (their rows are at most 8 KB).
+// pass reads it again. With class-index targets a block-wide group (GROUP > 32: one row per
+// block) keeps the row's first p.cache_packs packs in dynamic shared memory between the passes,
+// so the second reads only the rest from global memory (L2, while the block still works on it);
+// smaller groups, and probability targets (p.cache_packs = 0), re-read from L2.
 template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
@@ -343,10 +353,26 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kern
   const RowSlot<GROUP> slot(p.outer);
   const CeConsts<acc_t> kc(p, prob);
   const Stats<acc_t> st = fwd_row<T, GROUP, kFast, kFill>(p, prob, slot, kc, smem, cache);
+  // A as the backward kernel sums it (not the forward's st.sa, summed in another order)
+  const acc_t a_prob = row_a_prob<T, GROUP>(p, prob, slot, kc, reinterpret_cast<acc_t*>(smem));
   if (!slot.active) return;
   const double lse = lse_from_stats(st.m, dlog(st.s));  // as write_loss stored it
-  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, slot.row, 0, slot.row, lse, st.sa);
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, slot.row, 0, slot.row, lse, a_prob);
   bwd_row<T, GROUP, kFast, kUse>(p, prob, slot, kc, cf, cache);
+}
+
+// A (as row_a_prob) of one position of [outer, C, inner] (inner > 1), in class order.
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t position_a_prob(const CeParams& p, bool prob, int64_t o,
+                                                 int64_t i, const CeConsts<acc_t>& kc) {
+  if (!prob) return acc_t(0);
+  const int64_t C = p.C, I = p.inner;
+  const T* t = static_cast<const T*>(p.prob) + o * C * I + i;
+  acc_t a = acc_t(0);
+  for (int64_t c = 0; c < C; ++c) {
+    a += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
+  }
+  return a;
 }
 
 // The gradient of one position of [outer, C, inner] (inner > 1).
@@ -381,15 +407,9 @@ __global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob
   using acc_t = typename AccOf<T>::type;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pos >= p.outer * p.inner) return;
-  const int64_t C = p.C, I = p.inner, o = pos / I, i = pos - o * I;
+  const int64_t I = p.inner, o = pos / I, i = pos - o * I;
   const CeConsts<acc_t> kc(p, prob);
-  acc_t a_prob = acc_t(0);
-  if (prob) {
-    const T* t = static_cast<const T*>(p.prob) + o * C * I + i;
-    for (int64_t c = 0; c < C; ++c) {
-      a_prob += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
-    }
-  }
+  const acc_t a_prob = position_a_prob<T>(p, prob, o, i, kc);
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, p.lse_in[pos], a_prob);
   bwd_position<T, kFast>(p, prob, pos, kc, cf);
 }
@@ -403,7 +423,8 @@ __global__ void __launch_bounds__(256) ce_fwdbwd_inner_kernel(CeParams p, bool p
   const CeConsts<acc_t> kc(p, prob);
   const Stats<acc_t> st = fwd_position<T, kFast>(p, prob, pos, kc);
   const double lse = lse_from_stats(st.m, dlog(st.s));
-  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, o, i, pos, lse, st.sa);
+  const BwdCoef<acc_t> cf =
+      bwd_coef<acc_t>(p, prob, o, i, pos, lse, position_a_prob<T>(p, prob, o, i, kc));
   bwd_position<T, kFast>(p, prob, pos, kc, cf);
 }
 
@@ -426,7 +447,7 @@ void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream
         return ce_bwd_rows_kernel<T, G, kFast><<<blocks, threads, 0, stream>>>(p, prob);
       case Pass::kBoth: {
         size_t smem = 0;
-        if (G > 32) {
+        if (G > 32 && !prob) {
           p.cache_packs = row_cache_packs<T>(
               p.C, reinterpret_cast<const void*>(ce_fwdbwd_rows_kernel<T, G, kFast>), &smem);
         }
@@ -434,7 +455,11 @@ void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream
       }
     }
   };
-  switch (pass == Pass::kBoth ? row_group_fused(p.C, kVec<T>) : row_group(p.C, kVec<T>)) {
+  // Probability targets keep the backward's group size (and so its order of summing A): a
+  // gradient formed in the forward pass equals, bit for bit, one recomputed by a later backward
+  // (gradcheck's reentrancy check); their rows are re-read from L2 instead of shared memory.
+  const bool cached = pass == Pass::kBoth && !prob;
+  switch (cached ? row_group_fused(p.C, kVec<T>) : row_group(p.C, kVec<T>)) {
     case 4:
       return go(std::integral_constant<int, 4>{});
     case 32:
