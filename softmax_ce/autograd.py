@@ -170,10 +170,12 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
     1 / denominator for ``mean`` (usually a broadcast 0-dim tensor). The forward writes the
     gradient for a unit upstream gradient while each row is still in cache (one read of the
     logits, one write of the gradient: the traffic floor of forward + backward); the backward
-    hands that gradient over, rescaled in place by the upstream gradient (``scale_grad_``: no work
-    when it is 1, the common ``loss.backward()``, checked on the device). A second backward
-    (``retain_graph=True``) or a differentiable one (``create_graph=True``) recomputes the gradient
-    from the saved logits and lse, as ``SoftmaxCrossEntropyFunction`` does.
+    hands that gradient over: as it is when the upstream gradient is 1 (the common
+    ``loss.backward()``; checked on the device), else recomputed in its buffer for the actual
+    upstream gradient by the backward kernel (``ce_bwd_rescaled_``: one rounding, and the same
+    bits a recomputing backward gives). A second backward (``retain_graph=True``)
+    or a differentiable one (``create_graph=True``) recomputes the gradient from the saved logits
+    and lse, as ``SoftmaxCrossEntropyFunction`` does.
     ``reduce(per_position_loss)`` gives the reduced loss (fixed summation order).
     """
 
@@ -199,13 +201,16 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, lse, grad_scale = ctx.saved_tensors
         prob, ignore_index, eps, z_loss, softcap = ctx.params
         fused, ctx.fused_grad = ctx.fused_grad, None
-        use_fused = fused is not None and not torch.is_grad_enabled()
         grad_logits = grad_target = None
-        # upstream x d(reduced)/d(per-position loss)
-        grad_loss = grad_total * grad_scale if not use_fused or prob else None
+        grad_loss = grad_total * grad_scale  # upstream x d(reduced)/d(per-position loss)
         if ctx.needs_input_grad[0]:
-            if use_fused:
-                ops.scale_grad_(fused, grad_total)
+            if fused is not None and not torch.is_grad_enabled():
+                if prob:
+                    ops.ce_prob_bwd_rescaled_(grad_total, grad_loss, logits, target, weight, lse,
+                                              eps, z_loss, softcap, fused)
+                else:
+                    ops.ce_bwd_rescaled_(grad_total, grad_loss, logits, target, weight, lse,
+                                         ignore_index, eps, z_loss, softcap, fused)
                 grad_logits = fused
             else:
                 grad_logits = _CrossEntropyBackward.apply(

@@ -103,7 +103,7 @@ class gradient_in_forward:
     ``loss.backward()`` only hands that gradient over: the least memory traffic a forward plus
     backward can have. The gradient is held from the forward to the backward (the same peak
     memory as computing it in the backward) and is wasted work if no backward follows. An
-    upstream gradient other than 1 costs one more pass over the gradient to rescale it: a loop
+    upstream gradient other than 1 costs one more pass (the gradient is redone for it): a loop
     that always scales its loss before ``backward()`` (gradient accumulation by ``loss / k``,
     ``GradScaler``, a sum divided by the number of tokens) moves more memory with it than
     without it, and should turn it off. Without it the forward reads the logits and the backward

@@ -10,9 +10,10 @@ The ops are not differentiable by themselves: ``autograd.py`` wraps them in
 ``torch.autograd.Function`` s with hand-written gradients.
 
 ``ce_fwd_bwd`` / ``ce_prob_fwd_bwd`` are the forward and the backward in one pass over the logits
-(the gradient for a ``grad_loss`` known at forward time, written while the row is in cache), and
-``scale_grad_`` rescales such a gradient in place by a 0-dim tensor, doing nothing when it holds 1
-(checked on the device, without a host synchronisation).
+(the gradient for a ``grad_loss`` known at forward time, written while the row is in cache);
+``ce_bwd_rescaled_`` / ``ce_prob_bwd_rescaled_`` overwrite such a gradient with the one for the
+actual upstream gradient, and do nothing when that 0-dim tensor holds 1 (checked on the device
+by the CUDA kernels, without a host synchronisation).
 
 Shapes follow DESIGN.md's kernel contracts: logits ``[outer, C, inner]``; per-position loss and
 grad_loss ``[outer, inner]`` in the accumulation dtype (float64 for float64 logits, else
@@ -62,7 +63,14 @@ SCHEMAS = {
         "ce_prob_fwd_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         f"{_PROB_ARGS}) -> (Tensor, Tensor, Tensor)"
     ),
-    "scale_grad_": "scale_grad_(Tensor(a!) grad, Tensor scale) -> ()",
+    "ce_bwd_rescaled_": (
+        "ce_bwd_rescaled_(Tensor upstream, Tensor grad_loss, Tensor logits, Tensor target, "
+        f"Tensor? weight, Tensor lse, {_CE_ARGS}, Tensor(a!) out) -> ()"
+    ),
+    "ce_prob_bwd_rescaled_": (
+        "ce_prob_bwd_rescaled_(Tensor upstream, Tensor grad_loss, Tensor logits, Tensor target, "
+        f"Tensor? weight, Tensor lse, {_PROB_ARGS}, Tensor(a!) out) -> ()"
+    ),
     "softmax_fwd": "softmax_fwd(Tensor x, bool log) -> Tensor",
     "softmax_bwd": "softmax_bwd(Tensor grad_y, Tensor y, bool log) -> Tensor",
     "sigmoid_ce_fwd": (
@@ -158,9 +166,14 @@ def _ce_prob_fwd_bwd_fake(grad_loss, logits, target, *args):
             torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake("softmax_ce::scale_grad_")
-def _scale_grad_inplace_fake(grad, scale):
-    torch._check(scale.dim() == 0, lambda: "scale must be a 0-dim tensor")
+@torch.library.register_fake("softmax_ce::ce_bwd_rescaled_")
+def _ce_bwd_rescaled_fake(upstream, grad_loss, logits, *args):
+    _check_3d(logits)
+
+
+@torch.library.register_fake("softmax_ce::ce_prob_bwd_rescaled_")
+def _ce_prob_bwd_rescaled_fake(upstream, grad_loss, logits, *args):
+    _check_3d(logits)
 
 
 @torch.library.register_fake("softmax_ce::softmax_fwd")
@@ -246,7 +259,8 @@ ce_prob_bwd = _make_caller("ce_prob_bwd")
 ce_prob_bwd_ = _make_caller("ce_prob_bwd_")
 ce_fwd_bwd = _make_caller("ce_fwd_bwd")
 ce_prob_fwd_bwd = _make_caller("ce_prob_fwd_bwd")
-scale_grad_ = _make_caller("scale_grad_")
+ce_bwd_rescaled_ = _make_caller("ce_bwd_rescaled_")
+ce_prob_bwd_rescaled_ = _make_caller("ce_prob_bwd_rescaled_")
 softmax_fwd = _make_caller("softmax_fwd")
 softmax_bwd = _make_caller("softmax_bwd")
 sigmoid_ce_fwd = _make_caller("sigmoid_ce_fwd")

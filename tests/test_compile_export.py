@@ -57,12 +57,23 @@ def test_opcheck_cross_entropy_ops(device):
                 _opcheck(ops.ce_fwd_bwd.default, (scale, x, t, w, -100, ls, z, cap))
 
 
-def test_opcheck_scale_grad(device):
+def test_opcheck_rescaled_backward(device):
+    """The gradient formed in the forward pass, redone for another upstream gradient (or kept)."""
     ops = torch.ops.softmax_ce
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        grad = torch.randn(5, 7, 3, device=device).to(dtype)
-        for value in (1.0, 0.5, -3.0):
-            _opcheck(ops.scale_grad_.default, (grad.clone(), torch.tensor(value, device=device)))
+    for x, t, w in _ce_samples(device):
+        if not x.shape[0]:
+            continue
+        p = torch.softmax(torch.randn(x.shape, device=device), 1).to(x.dtype)
+        for value in (1.0, 0.5):
+            up = torch.tensor(value, device=device)
+            scale = torch.full((), 0.25, device=device).expand(x.shape[0], x.shape[2])
+            g = up * scale
+            _, lse, grad = ops.ce_fwd_bwd(scale, x.detach(), t, w, -100, 0.1, 1e-3, 5.0)
+            _opcheck(ops.ce_bwd_rescaled_.default,
+                     (up, g, x.detach(), t, w, lse, -100, 0.1, 1e-3, 5.0, grad.clone()))
+            _, lse, grad = ops.ce_prob_fwd_bwd(scale, x.detach(), p, w, 0.1, 1e-3, 5.0)
+            _opcheck(ops.ce_prob_bwd_rescaled_.default,
+                     (up, g, x.detach(), p, w, lse, 0.1, 1e-3, 5.0, grad.clone()))
 
 
 def test_opcheck_softmax_and_sigmoid_ops(device):

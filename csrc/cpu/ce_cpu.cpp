@@ -158,20 +158,27 @@ void validate_inplace(const at::Tensor& logits, const at::Tensor& target, int64_
   if (!prob) check_all_targets(target, logits.size(1), ignore_index);
 }
 
-// grad *= scale, skipped when scale is 1 (reading a CPU scalar costs nothing).
-void scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK(scale.dim() == 0, "softmax_ce: argument 'scale' must be a 0-dim tensor, got ",
-              scale.dim(), "-D");
-  TORCH_CHECK(grad.device().is_cpu() && scale.device().is_cpu(),
-              "softmax_ce: arguments 'grad' and 'scale' must be on the CPU");
-  if (scale.item<double>() != 1.0) grad.mul_(scale);
+// The backward into `out` (the gradient forward_backward formed for a unit upstream gradient)
+// unless the upstream gradient is 1; reading a CPU scalar costs nothing.
+void backward_rescaled(const at::Tensor& upstream, const at::Tensor& grad_loss,
+                       const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                       int64_t ignore_index, double eps, double z, double softcap, bool prob,
+                       const at::Tensor& out) {
+  TORCH_CHECK(upstream.dim() == 0 && upstream.device().is_cpu(),
+              "softmax_ce: argument 'upstream' must be a 0-dim CPU tensor");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == logits.sizes() &&
+                  out.scalar_type() == logits.scalar_type() && out.device().is_cpu(),
+              "softmax_ce: argument 'out' must be a contiguous CPU tensor like 'logits'");
+  if (upstream.item<double>() == 1.0) return;
+  backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
-  CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward>::register_all(m);
-  m.impl("scale_grad_", &scale_grad);
+  CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward,
+                &backward_rescaled>::register_all(m);
 }
 
 }  // namespace softmax_ce::cpu

@@ -9,7 +9,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -160,10 +159,12 @@ at::Tensor set_grad_loss(CeParams& p, const at::Tensor& grad_loss, const at::Ten
   return g;
 }
 
-at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                    int64_t ignore_index, double eps, double z, double softcap, bool prob,
-                    at::Tensor out) {
+// The backward into `out` (a fresh tensor when undefined). With `upstream` (a 0-dim tensor) the
+// kernels read it first and do nothing when it is 1.
+at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits,
+                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         const at::Tensor& lse, int64_t ignore_index, double eps, double z,
+                         double softcap, bool prob, at::Tensor out, const at::Tensor& upstream) {
   const c10::cuda::CUDAGuard guard(logits.device());
   Prepared r = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
   const int64_t O = logits.size(0), I = logits.size(2);
@@ -172,11 +173,40 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const
               "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "] on ", logits.device());
   const at::Tensor g = set_grad_loss(r.p, grad_loss, logits);
   const at::Tensor lse_c = lse.contiguous();
+  at::Tensor u;
+  if (upstream.defined()) {
+    TORCH_CHECK(upstream.dim() == 0 && upstream.device() == logits.device(),
+                "softmax_ce: argument 'upstream' must be a 0-dim tensor on ", logits.device());
+    u = upstream.to(acc_type(logits.scalar_type()));
+    r.p.skip_if_unit = u.data_ptr();
+  }
   if (!out.defined()) out = empty_aligned_like(r.x);
   r.p.out = out.data_ptr();
   r.p.lse_in = lse_c.data_ptr<double>();
   dispatch(r.p, logits.scalar_type(), prob, Pass::kBackward);
   return out;
+}
+
+at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                    int64_t ignore_index, double eps, double z, double softcap, bool prob,
+                    at::Tensor out) {
+  return backward_impl(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob,
+                       out, at::Tensor());
+}
+
+// The gradient forward_backward formed for a unit upstream gradient, redone in place for the
+// actual one; nothing happens (on the device, no host synchronisation) when that is 1.
+void backward_rescaled(const at::Tensor& upstream, const at::Tensor& grad_loss,
+                       const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                       int64_t ignore_index, double eps, double z, double softcap, bool prob,
+                       const at::Tensor& out) {
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == logits.sizes() &&
+                  out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
+              "softmax_ce: argument 'out' must be a contiguous tensor like 'logits'");
+  (void)backward_impl(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob,
+                      out, upstream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
@@ -197,51 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
   return {loss, lse, out};
 }
 
-void scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK(scale.dim() == 0, "softmax_ce: argument 'scale' must be a 0-dim tensor, got ",
-              scale.dim(), "-D");
-  TORCH_CHECK(grad.is_cuda() && scale.device() == grad.device(),
-              "softmax_ce: arguments 'grad' and 'scale' must be on one CUDA device");
-  const c10::cuda::CUDAGuard guard(grad.device());
-  if (!grad.is_contiguous() || grad.numel() == 0) {
-    if (grad.numel() != 0) grad.mul_(scale);  // not produced by forward_backward: plain torch
-    return;
-  }
-  const at::Tensor s = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kFloat);
-  const bool is_double = s.scalar_type() == at::kDouble;
-  const int64_t n = grad.numel();
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = (n + 256 * 8 - 1) / (256 * 8);
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * 8)));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto go = [&](auto* ptr) { launch_scale(ptr, n, s.data_ptr(), is_double, blocks, stream); };
-  switch (grad.scalar_type()) {
-    case at::kDouble:
-      go(grad.data_ptr<double>());
-      break;
-    case at::kFloat:
-      go(grad.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      go(grad.data_ptr<c10::BFloat16>());
-      break;
-    case at::kHalf:
-      go(grad.data_ptr<c10::Half>());
-      break;
-    default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, "softmax_ce: argument 'grad' must be float64, float32, ",
-                                  "bfloat16 or float16, got ", grad.scalar_type());
-  }
-}
-
 // Nothing to check on the host: an out-of-range class index is handled on the device.
 void validate_inplace(const at::Tensor&, const at::Tensor&, int64_t, bool) {}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CUDA, m) {
-  CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward>::register_all(m);
-  m.impl("scale_grad_", &scale_grad);
+  CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward,
+                &backward_rescaled>::register_all(m);
 }
 
 }  // namespace softmax_ce::cuda

@@ -4,6 +4,5 @@
 namespace softmax_ce::cuda {
 
 template void launch<c10::Half>(const CeParams&, bool, Pass, cudaStream_t);
-template void launch_scale<c10::Half>(c10::Half*, int64_t, const void*, bool, int, cudaStream_t);
 
 }  // namespace softmax_ce::cuda

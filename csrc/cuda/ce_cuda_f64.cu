@@ -4,6 +4,5 @@
 namespace softmax_ce::cuda {
 
 template void launch<double>(const CeParams&, bool, Pass, cudaStream_t);
-template void launch_scale<double>(double*, int64_t, const void*, bool, int, cudaStream_t);
 
 }  // namespace softmax_ce::cuda

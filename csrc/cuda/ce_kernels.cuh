@@ -12,7 +12,7 @@
 // stride inner (coalesced across positions). An out-of-range class index gives that position a
 // NaN loss / gradient and is recorded through p.bad_target, never a device-side assert.
 //
-// Included once per dtype by ce_cuda_<dtype>.cu, which instantiates launch<T> and launch_scale<T>.
+// Included once per dtype by ce_cuda_<dtype>.cu, which instantiates launch<T>.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -308,6 +308,13 @@ __device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowS
       const_cast<Pack<T>*>(cache), p.cache_packs);
 }
 
+// A backward launched to redo a gradient formed in the forward pass (p.skip_if_unit set) has
+// nothing to do when the upstream gradient is 1: that gradient is already in p.out.
+template <typename acc_t>
+__device__ __forceinline__ bool unit_upstream(const CeParams& p) {
+  return p.skip_if_unit != nullptr && *static_cast<const acc_t*>(p.skip_if_unit) == acc_t(1);
+}
+
 // A = sum_c w_c ((1-eps) t_c + eps/C) of a row with probability targets (0 otherwise), summed in
 // one fixed order by every kernel that needs it, so that a gradient formed in the forward pass
 // and one recomputed in a later backward are bit-identical. All threads of the group call it.
@@ -329,6 +336,7 @@ template <typename T, int GROUP, bool kFast>
 __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_bwd_rows_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   __shared__ acc_t smem[32];
+  if (unit_upstream<acc_t>(p)) return;  // the same for every thread
   const RowSlot<GROUP> slot(p.outer);
   const CeConsts<acc_t> kc(p, prob);
   const acc_t a_prob = row_a_prob<T, GROUP>(p, prob, slot, kc, smem);
@@ -406,7 +414,7 @@ template <typename T, bool kFast>
 __global__ void __launch_bounds__(256) ce_bwd_inner_kernel(CeParams p, bool prob) {
   using acc_t = typename AccOf<T>::type;
   const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (pos >= p.outer * p.inner) return;
+  if (pos >= p.outer * p.inner || unit_upstream<acc_t>(p)) return;
   const int64_t I = p.inner, o = pos / I, i = pos - o * I;
   const CeConsts<acc_t> kc(p, prob);
   const acc_t a_prob = position_a_prob<T>(p, prob, o, i, kc);
@@ -501,34 +509,6 @@ void launch(const CeParams& p, bool prob, Pass pass, cudaStream_t stream) {
       launch_inner<T, false>(p, prob, pass, stream);
     }
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// grad *= *scale over n contiguous elements, nothing when *scale == 1 (read on the device, so
-// the host never waits for the upstream gradient).
-template <typename T>
-__global__ void __launch_bounds__(256) scale_kernel(T* grad, int64_t n, const void* scale_ptr,
-                                                    bool scale_double) {
-  using acc_t = typename AccOf<T>::type;
-  const acc_t s = scale_double ? static_cast<acc_t>(*static_cast<const double*>(scale_ptr))
-                               : static_cast<acc_t>(*static_cast<const float*>(scale_ptr));
-  if (s == acc_t(1)) return;
-  const int nthr = static_cast<int>(gridDim.x * blockDim.x);
-  const int tid = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  row_foreach<T>(grad, n, tid, nthr, [&](const T* vals, int count, int64_t c0) {
-    T res[kVec<T>];
-#pragma unroll
-    for (int k = 0; k < kVec<T>; ++k) {
-      if (k < count) res[k] = to_t<T>(ld(vals[k]) * s);
-    }
-    store_pack(grad + c0, res, count);
-  });
-}
-
-template <typename T>
-void launch_scale(T* grad, int64_t n, const void* scale, bool scale_double, int blocks,
-                  cudaStream_t stream) {
-  scale_kernel<T><<<blocks, 256, 0, stream>>>(grad, n, scale, scale_double);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

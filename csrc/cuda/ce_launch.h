@@ -31,6 +31,7 @@ struct CeParams {
   int64_t gso, gsi;
   int64_t cache_packs;  // fused forward+backward: packs of a row kept in shared memory
   unsigned long long* bad_target;  // the device's out-of-range record (ce_cuda.cu)
+  const void* skip_if_unit;  // backward: an acc_t scalar; the kernel does nothing when it is 1
 };
 
 // What a launch computes: the forward (loss, lse), the backward (gradient from a saved lse), or
@@ -40,10 +41,5 @@ enum class Pass { kForward, kBackward, kBoth };
 // Launches the kernels for logits of type T (double, float, c10::BFloat16, c10::Half) on stream.
 template <typename T>
 void launch(const CeParams& p, bool prob, Pass pass, cudaStream_t stream);
-
-// grad[0:n) *= *scale (a double when scale_double, else a float) unless it is 1.
-template <typename T>
-void launch_scale(T* grad, int64_t n, const void* scale, bool scale_double, int blocks,
-                  cudaStream_t stream);
 
 }  // namespace softmax_ce::cuda

@@ -329,11 +329,12 @@ __device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, in
   }
 }
 
-// Store `count` values (a whole pack when count == kVec) at dst, which has the alignment the
-// matching row_foreach visit had (outputs are allocated with their input's alignment).
+// Store `count` values at dst: one 16-byte store for a whole pack where dst is 16-byte aligned
+// (outputs are allocated with their input's alignment), element by element otherwise (an output
+// buffer made for another copy of the input).
 template <typename T>
 __device__ __forceinline__ void store_pack(T* dst, const T* vals, int count) {
-  if (count == kVec<T>) {
+  if (count == kVec<T> && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
     Pack<T> p;
 #pragma unroll
     for (int k = 0; k < kVec<T>; ++k) p.v[k] = vals[k];
