@@ -177,3 +177,13 @@ def test_handed_over_gradient_equals_recomputed_bit_for_bit(impl, device, kind, 
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
     (second,) = torch.autograd.grad(loss, x)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_gradcheck_fast_mode(impl, device, kind):
+    """Fast-mode gradcheck backpropagates a random upstream gradient twice and requires the same
+    bits: the handed-over gradient redone for it, then a recomputed one."""
+    x, t = _case(device, torch.float64, kind, (4, 7))
+    x.requires_grad_()
+    fn = lambda x: softmax_ce.cross_entropy(x, t, label_smoothing=0.1, z_loss=0.01)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
