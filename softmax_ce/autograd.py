@@ -173,10 +173,10 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
     hands that gradient over: as it is when the upstream gradient is 1 (the common
     ``loss.backward()``; checked on the device), else recomputed in its buffer for the actual
     upstream gradient by the backward kernel (``ce_bwd_rescaled_``: one rounding, and the same
-    bits a recomputing backward gives). A second backward (``retain_graph=True``)
-    or a differentiable one (``create_graph=True``) recomputes the gradient from the saved logits
-    and lse, as ``SoftmaxCrossEntropyFunction`` does.
-    ``reduce(per_position_loss)`` gives the reduced loss (fixed summation order).
+    bits a recomputing backward gives). A second backward (``retain_graph=True``) or a
+    differentiable one (``create_graph=True``) recomputes the gradient from the saved logits and
+    lse, as ``SoftmaxCrossEntropyFunction`` does. ``reduce(per_position_loss)`` gives the reduced
+    loss (fixed summation order).
     """
 
     @staticmethod
