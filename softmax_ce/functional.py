@@ -127,22 +127,21 @@ def _gradient_in_forward_enabled() -> bool:
     return getattr(_state, "grad_in_forward", True)
 
 
-def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
-    return (
-        reduction != "none"
-        and not inplace
-        and x3.requires_grad
-        and torch.is_grad_enabled()
-        and x3.numel() > 0
-        and not torch.compiler.is_compiling()
-        and _gradient_in_forward_enabled()
-    )
-
-
 def _tracks_grad(*tensors) -> bool:
     """Whether autograd records this call: grad mode on and some input requires grad. Calls it
     does not record skip the autograd.Function (a few microseconds per call) and run the op."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
+    return (
+        reduction != "none"
+        and not inplace
+        and _tracks_grad(x3)
+        and x3.numel() > 0
+        and not torch.compiler.is_compiling()
+        and _gradient_in_forward_enabled()
+    )
 
 
 def _ce_per_position(x3, t, w, inplace, *args):
