@@ -151,19 +151,15 @@ def _ce_prob_bwd_inplace_fake(grad_loss, logits, target, weight, lse, *args):
 
 
 @torch.library.register_fake("softmax_ce::ce_fwd_bwd")
-def _ce_fwd_bwd_fake(grad_loss, logits, target, *args):
-    _check_3d(logits)
-    torch._check(target.shape == (logits.shape[0], logits.shape[2]), lambda: "target shape")
-    return (_per_position(logits), _per_position(logits, torch.float64),
-            torch.empty_like(logits, memory_format=torch.contiguous_format))
+def _ce_fwd_bwd_fake(grad_loss, logits, target, weight, *args):
+    loss, lse = _ce_fwd_fake(logits, target, weight, *args)
+    return loss, lse, _ce_bwd_fake(grad_loss, logits, target, weight, lse, *args)
 
 
 @torch.library.register_fake("softmax_ce::ce_prob_fwd_bwd")
-def _ce_prob_fwd_bwd_fake(grad_loss, logits, target, *args):
-    _check_3d(logits)
-    torch._check(target.shape == logits.shape, lambda: "target shape")
-    return (_per_position(logits), _per_position(logits, torch.float64),
-            torch.empty_like(logits, memory_format=torch.contiguous_format))
+def _ce_prob_fwd_bwd_fake(grad_loss, logits, target, weight, *args):
+    loss, lse = _ce_prob_fwd_fake(logits, target, weight, *args)
+    return loss, lse, _ce_prob_bwd_fake(grad_loss, logits, target, weight, lse, *args)
 
 
 @torch.library.register_fake("softmax_ce::ce_bwd_rescaled_")
