@@ -149,6 +149,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, lse = ctx.saved_tensors
         prob, ignore_index, eps, z_loss, softcap = ctx.params
         grad_logits = grad_target = None
+        # The target's gradient first: it reads the logits, which an in-place backward destroys.
+        if prob and ctx.needs_input_grad[1]:
+            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
         if ctx.needs_input_grad[0]:
             if ctx.inplace_backward and not torch.is_grad_enabled():
                 _ce_grad_inplace(grad_loss, logits, target, weight, lse, *ctx.params)
@@ -157,8 +160,6 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad_logits = _CrossEntropyBackward.apply(
                     grad_loss, logits, target, weight, lse, *ctx.params
                 )
-        if prob and ctx.needs_input_grad[1]:
-            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
         return grad_logits, grad_target, None, None, None, None, None, None
 
 
@@ -191,33 +192,39 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
             loss, lse, grad = ops.ce_fwd_bwd(
                 grad_scale, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
             )
-        ctx.save_for_backward(logits, target, weight, lse, grad_scale)
+        # The gradient is kept like any tensor saved for backward, so saved-tensor hooks (CPU
+        # offload, activation checkpointing) see it; the first plain backward hands it over.
+        ctx.save_for_backward(logits, target, weight, lse, grad_scale, grad)
         ctx.params = (prob, ignore_index, label_smoothing, z_loss, softcap)
-        ctx.fused_grad = grad  # an intermediate, handed over by the first plain backward
+        ctx.handed_over = False
         return reduce(loss)
 
     @staticmethod
     def backward(ctx, grad_total):
-        logits, target, weight, lse, grad_scale = ctx.saved_tensors
+        logits, target, weight, lse, grad_scale, fused = ctx.saved_tensors
         prob, ignore_index, eps, z_loss, softcap = ctx.params
-        fused, ctx.fused_grad = ctx.fused_grad, None
         grad_logits = grad_target = None
         grad_loss = grad_total * grad_scale  # upstream x d(reduced)/d(per-position loss)
+        if prob and ctx.needs_input_grad[1]:
+            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
         if ctx.needs_input_grad[0]:
-            if fused is not None and not torch.is_grad_enabled():
-                if prob:
-                    ops.ce_prob_bwd_rescaled_(grad_total, grad_loss, logits, target, weight, lse,
-                                              eps, z_loss, softcap, fused)
-                else:
-                    ops.ce_bwd_rescaled_(grad_total, grad_loss, logits, target, weight, lse,
-                                         ignore_index, eps, z_loss, softcap, fused)
+            if not ctx.handed_over and not torch.is_grad_enabled():
+                ctx.handed_over = True
+                # Redone in its buffer for the actual upstream gradient (nothing when it is 1).
+                # The version counter is kept: the buffer is handed over, and a later backward
+                # (retain_graph) must still be able to unpack the saved tensors (it recomputes).
+                with torch.autograd._unsafe_preserve_version_counter(fused):
+                    if prob:
+                        ops.ce_prob_bwd_rescaled_(grad_total, grad_loss, logits, target, weight,
+                                                  lse, eps, z_loss, softcap, fused)
+                    else:
+                        ops.ce_bwd_rescaled_(grad_total, grad_loss, logits, target, weight, lse,
+                                             ignore_index, eps, z_loss, softcap, fused)
                 grad_logits = fused
             else:
                 grad_logits = _CrossEntropyBackward.apply(
                     grad_loss, logits, target, weight, lse, *ctx.params
                 )
-        if prob and ctx.needs_input_grad[1]:
-            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
         return grad_logits, grad_target, None, None, None, None, None, None, None
 
 
@@ -274,7 +281,6 @@ class _CrossEntropyBackward(torch.autograd.Function):
         x = logits.to(acc)
         va = v.to(acc)
         g = grad_loss.to(acc).unsqueeze(1)
-        lse1 = lse.unsqueeze(1)  # float64
         if softcap > 0:
             th = torch.tanh(x / softcap)
             xs, d1 = softcap * th, 1 - th * th
@@ -282,6 +288,9 @@ class _CrossEntropyBackward(torch.autograd.Function):
             u = va * d1
         else:
             xs, d1, d2, u = x, None, None, va
+        # lse recomputed from x (not the saved one, a constant to autograd), so that this
+        # backward is itself exactly differentiable: third and higher derivatives are correct.
+        lse1 = torch.logsumexp(xs.double(), dim=1, keepdim=True)
         p = torch.exp(xs.double() - lse1).to(acc)
         lse1 = lse1.to(acc)
         w = weight.view(1, C, 1) if weight is not None else None
@@ -313,7 +322,7 @@ class _CrossEntropyBackward(torch.autograd.Function):
             contrib = va * g1 if d1 is None else va * g1 * d1
             d_grad_loss = contrib.sum(1).to(grad_loss.dtype)
         if ctx.needs_input_grad[1]:
-            ju = ops.softmax_bwd(u, p, False)  # J u = p * (u - <u, p>): the softmax backward op
+            ju = _SoftmaxBackward.apply(u, p)  # J u = p * (u - <u, p>), differentiable
             hu = k * ju + zc * p * (u * p).sum(1, keepdim=True)
             if d1 is not None:
                 hu = hu * d1 + g1 * d2 * va

@@ -9,7 +9,7 @@ graph break; out-of-range class indices are caught inside the kernels.
 from __future__ import annotations
 
 import math
-import threading
+import operator
 import warnings
 from typing import Optional
 
@@ -81,6 +81,11 @@ def _check_extensions(label_smoothing, z_loss, softcap, fn) -> float:
         raise RuntimeError(
             f"{fn}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
         )
+    return _check_z_loss_softcap(z_loss, softcap, fn)
+
+
+def _check_z_loss_softcap(z_loss, softcap, fn) -> float:
+    """Our extensions' arguments; returns the softcap as a float (0.0: none)."""
     if not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < math.inf):
         raise ValueError(f"{fn}: z_loss must be a finite float >= 0, got {z_loss}")
     if softcap is None:
@@ -90,14 +95,12 @@ def _check_extensions(label_smoothing, z_loss, softcap, fn) -> float:
     return float(softcap)
 
 
-_state = threading.local()
-
-
 class gradient_in_forward:
     """Whether ``cross_entropy`` with a ``mean`` or ``sum`` reduction forms the logits' gradient
-    in its forward pass when they require grad (default: yes). Like ``torch.set_grad_enabled``,
-    per thread, usable as a call (``softmax_ce.gradient_in_forward(False)`` sets it from then on)
-    or as a context manager (restores the previous setting on exit).
+    in its forward pass when they require grad (default: yes). A process-wide setting (worker
+    threads of ``nn.DataParallel`` and of a user's thread pool see the caller's choice), usable as
+    a call (``softmax_ce.gradient_in_forward(False)`` sets it from then on) or as a context
+    manager (restores the previous setting on exit).
 
     With it the forward reads the logits once and writes their gradient once, and
     ``loss.backward()`` only hands that gradient over: the least memory traffic a forward plus
@@ -107,30 +110,48 @@ class gradient_in_forward:
     that always scales its loss before ``backward()`` (gradient accumulation by ``loss / k``,
     ``GradScaler``, a sum divided by the number of tokens) moves more memory with it than
     without it, and should turn it off. Without it the forward reads the logits and the backward
-    reads them again and writes the gradient. Not used under ``torch.compile``, with
-    ``inplace_backward=True`` or with ``reduction='none'``.
+    reads them again and writes the gradient. Not used under ``torch.compile`` or a
+    ``torch.func`` transform, with ``inplace_backward=True`` or with ``reduction='none'``.
     """
 
+    _enabled = True  # the process-wide setting
+
     def __init__(self, enabled: bool = True):
-        self.previous = _gradient_in_forward_enabled()
-        _state.grad_in_forward = bool(enabled)
+        self.previous = gradient_in_forward._enabled
+        gradient_in_forward._enabled = bool(enabled)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _state.grad_in_forward = self.previous
+        gradient_in_forward._enabled = self.previous
         return False
 
 
 def _gradient_in_forward_enabled() -> bool:
-    return getattr(_state, "grad_in_forward", True)
+    return gradient_in_forward._enabled
 
 
 def _tracks_grad(*tensors) -> bool:
     """Whether autograd records this call: grad mode on and some input requires grad. Calls it
     does not record skip the autograd.Function (a few microseconds per call) and run the op."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _inplace_allowed(input: Tensor) -> bool:
+    """Whether the backward may write the gradient into the logits' storage: not under
+    ``torch.compile`` or a ``torch.func`` transform, and not when that storage belongs to a leaf
+    (a parameter or a user's tensor: its values would be destroyed and its ``.grad`` would share
+    its storage); the gradient then goes to a fresh buffer."""
+    if torch.compiler.is_compiling() or _functorch_active():
+        return False
+    base = input._base if input._base is not None else input
+    return not base.is_leaf
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
@@ -141,6 +162,7 @@ def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
         and x3.numel() > 0
         and not torch.compiler.is_compiling()
         and _gradient_in_forward_enabled()
+        and not _functorch_active()
     )
 
 
@@ -182,14 +204,28 @@ _SUM_CHUNK = 4096
 def _sum(values: Tensor) -> Tensor:
     """Sum in a fixed order, bit-identical whatever the number of threads: torch's CPU sum of a
     long vector splits it by thread. Rows of a fixed width are summed (one thread per row, a
-    fixed order inside), then the row sums, until one row is left."""
+    fixed order inside), then the row sums, until one row is left. Under ``torch.compile`` the
+    same two-level order without a branch on the size (a size-dependent branch is a guard, and
+    every guard that fails recompiles)."""
     flat = values.reshape(-1)
+    if torch.compiler.is_compiling():
+        return flat.sum()
     while flat.numel() > _SUM_CHUNK:
         pad = (-flat.numel()) % _SUM_CHUNK
         if pad:
             flat = torch.nn.functional.pad(flat, (0, pad))
         flat = flat.view(-1, _SUM_CHUNK).sum(dim=1)
     return flat.sum()
+
+
+def _index(value, name: str, fn: str) -> int:
+    """An integer argument: anything ``operator.index`` takes (int, NumPy integers, ...)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: argument '{name}' must be an integer, got {type(value).__name__}"
+        ) from None
 
 
 def _numel(shape) -> int:
@@ -241,9 +277,8 @@ def cross_entropy(
             "got a 0-dim tensor"
         )
     cap = _check_extensions(label_smoothing, z_loss, softcap, fn)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
+    ignore_index = _index(ignore_index, "ignore_index", fn)
+    inplace = bool(inplace_backward) and _inplace_allowed(input)
 
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
     outer = input.shape[0] if input.dim() >= 2 else 1
@@ -323,14 +358,16 @@ def cross_entropy(
     args = (ignore_index, float(label_smoothing), float(z_loss), cap)
     if reduction == "none":
         loss = _ce_per_position(x3, t2, w, inplace, *args)
-        return loss.reshape(target.shape).to(out_dtype)
+        return loss.reshape(target.shape if input.dim() >= 2 else ()).to(out_dtype)
     denom = None
     if reduction == "mean":
         valid = t2 != ignore_index
         if w is None or C == 0:
             denom = valid.sum()
         else:
-            safe = torch.where(valid, t2, torch.zeros_like(t2)).long()
+            # Clamped: an out-of-range class (an IndexError from the CPU kernel, NaN and a
+            # recorded value on CUDA) must not index `weight` here (a device-side assert on CUDA).
+            safe = torch.where(valid, t2, torch.zeros_like(t2)).long().clamp(0, C - 1)
             denom = _sum(torch.where(valid, w[safe], torch.zeros((), dtype=w.dtype, device=w.device)))
     total = _reduced_ce(x3, t2, w, denom, reduction, inplace, *args)
     return total.to(out_dtype)
@@ -346,39 +383,35 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_target_shape(input: Tensor, target: Tensor, fn: str) -> None:
+    """torch's (CPU) shape rules for class-index targets, with its exception types: a batch-size
+    mismatch is a ValueError, any other shape mismatch a RuntimeError."""
+    where = f"(argument 'target' has shape {list(target.shape)}, 'input' {list(input.shape)})"
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError(
-                f"{fn}: 0D or 1D target tensor expected, multi-target not supported "
-                f"(argument 'target' has shape {list(target.shape)})"
+                f"{fn}: 0D or 1D target tensor expected, multi-target not supported {where}"
             )
         if target.dim() == 1 and target.shape[0] != 1:
             raise ValueError(
-                f"Expected input batch_size (1) to match target batch_size ({target.shape[0]})."
+                f"{fn}: for 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]} {where}"
             )
         return
-    if target.dim() == 0:
-        raise RuntimeError(
-            f"{fn}: 0D target is only allowed for an unbatched (1-D) input; argument 'target' "
-            f"must have shape {[input.shape[0]] + list(input.shape[2:])}"
-        )
-    if input.shape[0] != target.shape[0]:
+    batch = target.shape[0] if target.dim() > 0 else 0
+    if input.shape[0] != batch:
         raise ValueError(
-            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({target.shape[0]})."
+            f"{fn}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({batch}) {where}."
         )
     if input.dim() == 2:
         if target.dim() != 1:
             raise RuntimeError(
-                f"{fn}: 0D or 1D target tensor expected, multi-target not supported "
-                f"(argument 'target' has shape {list(target.shape)})"
+                f"{fn}: 0D or 1D target tensor expected, multi-target not supported {where}"
             )
         return
     expected = [input.shape[0]] + list(input.shape[2:])
     if list(target.shape) != expected:
-        raise RuntimeError(
-            f"{fn}: Expected target size {expected}, got {list(target.shape)} (argument 'target')"
-        )
+        raise RuntimeError(f"{fn}: Expected target size {expected}, got {list(target.shape)} {where}")
 
 
 def _softmax_dim(ndim: int, stacklevel: int, name: str) -> int:

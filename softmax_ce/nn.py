@@ -2,8 +2,8 @@
 
 Each subclasses its torch.nn counterpart, so ``weight`` / ``pos_weight`` are the same buffers (a
 ``state_dict`` saved from the torch module loads into ours and back) and ``isinstance`` checks
-written for torch's classes still hold. Arguments are validated in ``__init__``; ``forward`` is one
-call into ``softmax_ce.functional``.
+written for torch's classes still hold. Arguments torch validates at the call are validated at the call (as torch); our extensions in
+``__init__``. ``forward`` is one call into ``softmax_ce.functional``.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        F._reduction(None, None, self.reduction)
-        F._check_extensions(label_smoothing, z_loss, softcap, type(self).__name__)
+        # torch checks reduction and label_smoothing at the call; our extensions are checked here.
+        F._check_z_loss_softcap(z_loss, softcap, type(self).__name__)
         self.z_loss = float(z_loss)
         self.softcap = None if softcap is None else float(softcap)
         self.inplace_backward = bool(inplace_backward)
@@ -74,7 +74,6 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None,
                  reduction: str = "mean", pos_weight: Optional[Tensor] = None) -> None:
         super().__init__(weight, size_average, reduce, reduction, pos_weight)
-        F._reduction(None, None, self.reduction)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(

@@ -23,7 +23,6 @@ float32); the saved ``lse`` ``[outer, inner]`` is float64 for every dtype (see r
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
 
@@ -195,42 +194,46 @@ def _sigmoid_ce_bwd_fake(grad_loss, logits, target, weight, pos_weight):
 
 
 # --------------------------------------------------------------------------------------------
-# Which implementation serves a device, and a switch that forces the reference (for tests and
-# the benchmark; eager mode only).
+# Which implementation serves a device (or each op), and a switch that forces the reference (for
+# tests and the benchmark; eager mode only).
 # --------------------------------------------------------------------------------------------
 
-_state = threading.local()
+_forced = [False]  # process-wide, so worker threads see the caller's choice
 
 
 def reference_forced() -> bool:
-    return getattr(_state, "force_reference", False)
+    return _forced[0]
 
 
 @contextlib.contextmanager
 def force_reference(enabled: bool = True):
-    """Within this context (and thread) every op runs the pure-PyTorch reference, even where a
-    compiled kernel is registered. Meant for tests and benchmarks in eager mode."""
-    previous = reference_forced()
-    _state.force_reference = enabled
+    """Within this context every op runs the pure-PyTorch reference, even where a compiled kernel
+    is registered (process-wide: threads started inside it see it too). Meant for tests and
+    benchmarks in eager mode."""
+    previous = _forced[0]
+    _forced[0] = bool(enabled)
     try:
         yield
     finally:
-        _state.force_reference = previous
+        _forced[0] = previous
 
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def implementation(device="cpu") -> str:
-    """'compiled' when the extension registered a kernel for this device type, else 'reference'."""
+def implementation(device="cpu", per_op: bool = False):
+    """'compiled' when the extension registered a kernel of every op for this device type, else
+    'reference'. With ``per_op=True``: a dict from each op's name to the one that serves it."""
     device_type = torch.device(device).type
     key = _DISPATCH_KEYS.get(device_type)
-    if key is None:
-        return "reference"
-    names = [f"softmax_ce::{name}" for name in SCHEMAS]
-    if all(torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for n in names):
-        return "compiled"
-    return "reference"
+    served = {
+        name: "compiled" if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"softmax_ce::{name}", key) else "reference"
+        for name in SCHEMAS
+    }
+    if per_op:
+        return served
+    return "compiled" if all(v == "compiled" for v in served.values()) else "reference"
 
 
 def _make_caller(name):

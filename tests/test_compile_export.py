@@ -189,3 +189,35 @@ def test_export(device, name):
     h2 = torch.randn(5, 8, device=device)
     t2 = _target(name, 5, device)
     torch.testing.assert_close(exported.module()(h2, t2), model(h2, t2))
+
+
+@pytest.mark.parametrize("classes", [
+    50, pytest.param(32000, marks=pytest.mark.slow, id="32000-slow")])
+def test_regression_compile_changing_row_counts_at_most_one_recompile(classes):
+    """Bug: the fixed-order sum branched on the number of positions in Python, so every new
+    row count above 4096 (a multiple of 4096 or not, one more level or not) recompiled. A
+    training step compiled with dynamic shapes at 4096 rows, then run at other row counts:
+    no graph break, at most one recompile (inductor's own split at 4096 elements), and the
+    compiled loss and gradient equal eager torch's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+
+    def step(x, t):
+        return softmax_ce.cross_entropy(x, t, label_smoothing=0.1)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    first = None
+    for n in (4096, 4100, 6000, 8192):
+        x = torch.randn(n, classes, requires_grad=True)
+        t = torch.randint(0, classes, (n,))
+        loss = compiled(x, t)
+        (grad,) = torch.autograd.grad(loss, x)
+        first = counter.frame_count if first is None else first
+        expected = F.cross_entropy(x, t, label_smoothing=0.1)
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(grad, expected_grad)
+        del x, grad, expected_grad
+    assert counter.frame_count - first <= 1, counter.frame_count - first

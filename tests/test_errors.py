@@ -153,3 +153,83 @@ def test_zero_classes_all_ignored_is_nan_like_torch(cpu_impl):
     ours.backward()
     assert x.grad.shape == (3, 0)
     assert softmax_ce.cross_entropy(x, t, reduction="sum").item() == 0.0
+
+
+TARGET_SHAPES = [
+    # (input shape, target shape)
+    ((5,), ()), ((5,), (1,)), ((5,), (2,)), ((5,), (1, 1)),
+    ((4, 5), (4,)), ((4, 5), (3,)), ((4, 5), ()), ((4, 5), (4, 1)), ((4, 5), (4, 2)),
+    ((4, 5, 3), (4, 3)), ((4, 5, 3), (4, 2)), ((4, 5, 3), (3, 3)), ((4, 5, 3), (4,)),
+    ((4, 5, 3), (4, 3, 1)), ((4, 5, 3, 2), (4, 3, 2)), ((4, 5, 3, 2), (4, 3, 3)),
+    ((4, 5, 3, 2), (4, 3)), ((0, 5), (0,)), ((0, 5), (1,)),
+]
+
+
+@pytest.mark.parametrize("shapes", TARGET_SHAPES, ids=str)
+def test_regression_target_shape_errors_match_torch_side_by_side(cpu_impl, shapes):
+    """Bug: some target-shape mismatches raised another exception type than torch (a 0-D target
+    for a batched input: RuntimeError where torch raises ValueError). Every pair is run through
+    both; the outcome (accepted, or the exception type) must be the same."""
+    in_shape, t_shape = shapes
+    x = torch.randn(in_shape)
+    t = torch.zeros(t_shape, dtype=torch.long)
+
+    def outcome(fn):
+        try:
+            return ("ok", fn(x, t, reduction="none"))
+        except Exception as e:  # noqa: BLE001 - the type is what is compared
+            return (type(e), str(e))
+
+    ours, theirs = outcome(softmax_ce.cross_entropy), outcome(F.cross_entropy)
+    assert ours[0] == theirs[0], (ours, theirs)
+    if ours[0] == "ok":
+        torch.testing.assert_close(ours[1], theirs[1])
+    else:
+        assert "target" in ours[1], ours[1]
+
+
+def test_regression_ignore_index_numpy_integer(cpu_impl):
+    """Bug: ignore_index as a NumPy integer was rejected; torch takes anything operator.index
+    takes."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(6, 5)
+    t = torch.tensor([0, 1, 2, 3, 4, 2])
+    for ii in (np.int64(2), np.int32(2), np.uint8(2)):
+        torch.testing.assert_close(softmax_ce.cross_entropy(x, t, ignore_index=ii),
+                                   F.cross_entropy(x, t, ignore_index=ii))
+        torch.testing.assert_close(softmax_ce.nn.CrossEntropyLoss(ignore_index=ii)(x, t),
+                                   torch.nn.CrossEntropyLoss(ignore_index=ii)(x, t))
+    with pytest.raises(TypeError, match="ignore_index"):
+        softmax_ce.cross_entropy(x, t, ignore_index=2.0)
+    with pytest.raises(TypeError):
+        F.cross_entropy(x, t, ignore_index=2.0)
+
+
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "BCEWithLogitsLoss"])
+def test_regression_module_bad_reduction_raises_at_the_call_like_torch(cpu_impl, name):
+    """Bug: CrossEntropyLoss(reduction='avg') raised in __init__; torch raises at the call."""
+    ours = getattr(softmax_ce.nn, name)(reduction="avg")
+    theirs = getattr(torch.nn, name)(reduction="avg")
+    x = torch.randn(4, 5)
+    t = _t(4) if name == "CrossEntropyLoss" else torch.rand(4, 5)
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        ours(x, t)
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        theirs(x, t)
+    ours = softmax_ce.nn.CrossEntropyLoss(label_smoothing=1.5)  # torch, too, checks at the call
+    torch.nn.CrossEntropyLoss(label_smoothing=1.5)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        ours(x, _t(4))
+
+
+def test_regression_weighted_mean_out_of_range_target(cpu_impl):
+    """Bug: the weighted mean's denominator indexed `weight` with the raw target before any
+    range check (on CUDA a device-side assert; on the CPU torch's indexing error instead of
+    ours). The kernel's error names the target."""
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, 1, 9, 2])
+    w = torch.rand(5)
+    with pytest.raises(IndexError, match="Target 9 is out of bounds.*'target'"):
+        softmax_ce.cross_entropy(x, t, w)
+    with pytest.raises(IndexError):
+        F.cross_entropy(x, t, w)

@@ -5,24 +5,76 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce
+from conftest import REQUIRE_EXTENSION
+from helpers import assert_close
 from softmax_ce import nn as scnn
+
+
+def _torch_grads(x, t, w, **kw):
+    """torch's loss and gradients (logits, and the target when it requires grad) in float64."""
+    xd = x.detach().double().requires_grad_()
+    td = t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+    loss = F.cross_entropy(xd, td, w, **kw)
+    inputs = (xd, td) if t.requires_grad else (xd,)
+    return loss, torch.autograd.grad(loss, inputs)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_inplace_gradient_matches_and_reuses_storage(impl, device, kind, dtype):
+def test_inplace_gradient_matches_torch_and_reuses_storage(impl, device, kind, dtype):
+    """On an intermediate (the usual case: a model's output) the gradient is written into the
+    logits' storage, and it is torch's gradient."""
     x = torch.randn(8, 33, device=device).to(dtype).requires_grad_()
     t = torch.randint(0, 33, (8,), device=device) if kind == "index" else \
         torch.softmax(torch.randn(8, 33, device=device), 1).to(dtype)
-    expected_loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1)
-    (expected_grad,) = torch.autograd.grad(expected_loss, x)
-    ptr = x.data_ptr()
-    loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=True)
-    torch.testing.assert_close(loss, expected_loss)
+    expected_loss, (expected_grad,) = _torch_grads(x, t, None, label_smoothing=0.1)
+    logits = x * 1.0  # an intermediate
+    ptr = logits.data_ptr()
+    seen = []
+    logits.register_hook(lambda g: seen.append(g.data_ptr()))
+    loss = softmax_ce.cross_entropy(logits, t, label_smoothing=0.1, inplace_backward=True)
+    assert_close(loss, expected_loss, dtype)
     loss.backward()
-    torch.testing.assert_close(x.grad, expected_grad)
-    assert x.grad.data_ptr() == ptr  # the gradient lives in the logits' storage
-    assert torch.equal(x.detach(), x.grad)  # ... and the logits were overwritten
+    assert_close(x.grad, expected_grad, dtype)
+    assert seen == [ptr]  # the gradient lives in the logits' storage
+    assert torch.equal(logits.detach(), x.grad)  # ... and the logits were overwritten
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_regression_inplace_on_a_leaf_writes_a_fresh_gradient(impl, device, view):
+    """Bug: on a leaf (or a view of one) the in-place backward overwrote the leaf's values and
+    made .grad share its storage, so an optimizer step read garbage. A leaf now gets a fresh
+    gradient and keeps its values."""
+    x = torch.randn(6, 9, device=device, requires_grad=True)
+    t = torch.randint(0, 9, (6,), device=device)
+    before = x.detach().clone()
+    logits = x.view(6, 9) if view else x
+    softmax_ce.cross_entropy(logits, t, inplace_backward=True).backward()
+    assert torch.equal(x.detach(), before)
+    assert x.grad.data_ptr() != x.data_ptr()
+    _, (expected,) = _torch_grads(before, t, None)
+    assert_close(x.grad, expected, torch.float32)
+    opt = torch.optim.SGD([x], lr=1.0)
+    opt.step()
+    torch.testing.assert_close(x.detach(), before - expected.float())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_regression_inplace_with_probability_target_that_requires_grad(impl, device, reduction):
+    """Bug: with inplace_backward=True the target's gradient was formed from the logits after
+    the backward had overwritten them with their gradient: a silently wrong gradient."""
+    x = torch.randn(5, 7, device=device, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(torch.randn(5, 7, device=device, dtype=torch.float64), 1).requires_grad_()
+    loss = softmax_ce.cross_entropy(x * 1.0, p, reduction=reduction, label_smoothing=0.1,
+                                    inplace_backward=True)
+    up = torch.randn(loss.shape, dtype=torch.float64, device=device)
+    loss.backward(up)
+    xd, pd = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    expected = F.cross_entropy(xd, pd, reduction=reduction, label_smoothing=0.1)
+    expected.backward(up)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, xd.grad)
+    torch.testing.assert_close(p.grad, pd.grad)
 
 
 def test_inplace_through_a_model(impl, device):
@@ -37,25 +89,47 @@ def test_inplace_through_a_model(impl, device):
 
 
 def test_inplace_guard_other_saved_use_fails(impl, device):
-    """Any other autograd use of the logits that saved them must fail loudly."""
+    """The in-place contract: a wrong gradient is impossible. Another autograd use of the logits
+    that saved them either ran its backward before ours (the gradients are then right) or
+    raises "modified by an inplace operation"; which one happens depends on the order in which
+    autograd runs the two backward functions."""
     x = torch.randn(5, 7, device=device, requires_grad=True)
     t = torch.randint(0, 7, (5,), device=device)
+
+    # the other use recorded first: autograd runs our backward first, then the other one raises
     logits = x * 2.0
     other = (logits * logits).sum()  # saves logits for its own backward
     loss = softmax_ce.cross_entropy(logits, t, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + other).backward()
 
+    # the other use recorded after the loss: its backward runs first and reads intact logits
+    x.grad = None
+    logits = x * 2.0
+    loss = softmax_ce.cross_entropy(logits, t, inplace_backward=True)
+    other = (logits ** 2).mean()
+    (loss + other).backward()
+    xt = x.detach().clone().requires_grad_()
+    lt = xt * 2.0
+    (F.cross_entropy(lt, t) + (lt ** 2).mean()).backward()
+    torch.testing.assert_close(x.grad, xt.grad)
+
 
 def test_inplace_falls_back_with_create_graph(impl, device):
     x = torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.randint(0, 6, (4,), device=device)
-    before = x.detach().clone()
-    loss = softmax_ce.cross_entropy(x, t, inplace_backward=True)
+    logits = x * 1.0
+    before = logits.detach().clone()
+    loss = softmax_ce.cross_entropy(logits, t, inplace_backward=True)
     (g,) = torch.autograd.grad(loss, x, create_graph=True)
-    assert torch.equal(x.detach(), before)
-    g.sum().backward()
-    assert x.grad is not None
+    assert torch.equal(logits.detach(), before)  # a fresh gradient, the logits kept
+    v = torch.randn(4, 6, dtype=torch.float64, device=device)
+    (h,) = torch.autograd.grad((g * v).sum(), x)
+    xt = x.detach().clone().requires_grad_()
+    (gt,) = torch.autograd.grad(F.cross_entropy(xt, t), xt, create_graph=True)
+    (ht,) = torch.autograd.grad((gt * v).sum(), xt)
+    torch.testing.assert_close(g, gt)
+    torch.testing.assert_close(h, ht)
 
 
 def test_module_state_dict_roundtrip():
@@ -118,11 +192,19 @@ def test_training_loop_matches_torch(impl, device):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-def test_implementation_query():
-    assert softmax_ce.implementation("cpu") in ("compiled", "reference")
-    assert softmax_ce.implementation("meta") == "reference"
-    info = softmax_ce.build_info()
-    assert info["cpu"] == softmax_ce.implementation("cpu")
+def test_every_op_has_its_compiled_cpu_kernel():
+    """A compiled build registers a CPU kernel for every op (one missing registration would
+    silently move that op, and the whole device's report, to the reference)."""
+    per_op = softmax_ce.implementation("cpu", per_op=True)
+    assert set(per_op) == set(softmax_ce.ops.SCHEMAS)
+    if softmax_ce._C is None:
+        assert not REQUIRE_EXTENSION, softmax_ce.extension_error
+        assert set(per_op.values()) == {"reference"}
+    else:
+        assert set(per_op.values()) == {"compiled"}, per_op
+        assert softmax_ce.implementation("cpu") == "compiled"
+    assert set(softmax_ce.implementation("meta", per_op=True).values()) == {"reference"}
+    assert softmax_ce.build_info()["cpu"] == softmax_ce.implementation("cpu")
 
 
 def test_output_cache_never_aliases_live_tensors(cpu_impl):
@@ -142,5 +224,6 @@ def test_output_cache_never_aliases_live_tensors(cpu_impl):
     del grads
     softmax_ce.empty_cache()
     x = torch.randn(1024, 2048, requires_grad=True)
-    softmax_ce.cross_entropy(x, torch.zeros(1024, dtype=torch.long)).backward()
-    assert torch.isfinite(x.grad).all()
+    t = torch.zeros(1024, dtype=torch.long)
+    softmax_ce.cross_entropy(x, t).backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, t), x)[0])

@@ -14,18 +14,25 @@
 
 #include "../common/ce_entry_points.h"
 #include "ce_launch.h"
-#include "device_common.cuh"  // empty_aligned_like
+#include "device_common.cuh"
 
 namespace softmax_ce::cuda {
 
 __device__ unsigned long long g_bad_target = kNoBadTarget;
 
-// Reads and clears the recorded out-of-range class index of the current device (synchronises).
+// Reads and clears the recorded out-of-range class index of the current device. Both copies go
+// on the current stream, so they are ordered after every kernel launched on it (PyTorch's streams
+// do not synchronise with the legacy default stream that cudaMemcpyFromSymbol would use); then
+// that stream is synchronised.
 bool take_bad_target(int64_t* value) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   unsigned long long v = kNoBadTarget;
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(&v, g_bad_target, sizeof(v)));
-  const unsigned long long none = kNoBadTarget;
-  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_bad_target, &none, sizeof(none)));
+  C10_CUDA_CHECK(cudaMemcpyFromSymbolAsync(&v, g_bad_target, sizeof(v), 0,
+                                           cudaMemcpyDeviceToHost, stream));
+  static const unsigned long long none = kNoBadTarget;
+  C10_CUDA_CHECK(cudaMemcpyToSymbolAsync(g_bad_target, &none, sizeof(none), 0,
+                                         cudaMemcpyHostToDevice, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   *value = static_cast<int64_t>(v);
   return v != kNoBadTarget;
 }
@@ -180,7 +187,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits,
     u = upstream.to(acc_type(logits.scalar_type()));
     r.p.skip_if_unit = u.data_ptr();
   }
-  if (!out.defined()) out = empty_aligned_like(r.x);
+  if (!out.defined()) out = at::empty_like(r.x, at::MemoryFormat::Contiguous);
   r.p.out = out.data_ptr();
   r.p.lse_in = lse_c.data_ptr<double>();
   dispatch(r.p, logits.scalar_type(), prob, Pass::kBackward);
@@ -219,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
   const at::Tensor g = set_grad_loss(r.p, grad_loss, logits);
   at::Tensor loss = at::empty({O, I}, logits.options().dtype(acc_type(logits.scalar_type())));
   at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
-  at::Tensor out = empty_aligned_like(r.x);
+  at::Tensor out = at::empty_like(r.x, at::MemoryFormat::Contiguous);
   r.p.loss = loss.data_ptr();
   r.p.lse_out = lse.data_ptr<double>();
   r.p.out = out.data_ptr();

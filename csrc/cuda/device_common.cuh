@@ -329,9 +329,10 @@ __device__ __forceinline__ void row_foreach(const T* row, int64_t n, int tid, in
   }
 }
 
-// Store `count` values at dst: one 16-byte store for a whole pack where dst is 16-byte aligned
-// (outputs are allocated with their input's alignment), element by element otherwise (an output
-// buffer made for another copy of the input).
+// Store `count` values at dst: one 16-byte store for a whole pack where dst is 16-byte aligned,
+// element by element otherwise. Outputs are plain contiguous tensors (storage offset 0, as their
+// fake kernels say), so an input that carries a storage offset (a slice) has its packs at other
+// addresses than the output's: those stores take the element path.
 template <typename T>
 __device__ __forceinline__ void store_pack(T* dst, const T* vals, int count) {
   if (count == kVec<T> && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
@@ -403,17 +404,5 @@ inline int64_t row_cache_packs(int64_t C, const void* kernel, size_t* smem) {
 
 // The dynamic shared memory of the kernels that keep a row between two passes.
 extern __shared__ __align__(16) unsigned char g_row_cache[];
-
-// An uninitialised contiguous tensor shaped like x whose data pointer has x's alignment modulo
-// 16 bytes, so that 16-byte packs of x and of the output line up (x may carry a storage offset).
-inline at::Tensor empty_aligned_like(const at::Tensor& x) {
-  const int64_t es = x.element_size();
-  const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16);
-  if (off == 0 || off % es != 0 || x.numel() == 0) {
-    return at::empty_like(x, at::MemoryFormat::Contiguous);
-  }
-  at::Tensor buf = at::empty({x.numel() + 16 / es}, x.options());
-  return buf.narrow(0, off / es, x.numel()).view(x.sizes());
-}
 
 }  // namespace softmax_ce::cuda

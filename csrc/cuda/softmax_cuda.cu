@@ -224,7 +224,7 @@ at::Tensor softmax_fwd(const at::Tensor& x, bool log) {
   check_3d(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = empty_aligned_like(xc);
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
   SoftmaxParams p{xc.data_ptr(), nullptr, nullptr, out.data_ptr(), x.size(0), x.size(1),
                   x.size(2), log, 0};
   dispatch<false>(p, x.scalar_type());
@@ -238,7 +238,7 @@ at::Tensor softmax_bwd(const at::Tensor& grad_y, const at::Tensor& y, bool log) 
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor yc = y.contiguous();
   const at::Tensor gc = grad_y.to(y.scalar_type()).contiguous();
-  at::Tensor out = empty_aligned_like(yc);
+  at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
   SoftmaxParams p{nullptr, yc.data_ptr(), gc.data_ptr(), out.data_ptr(), y.size(0), y.size(1),
                   y.size(2), log, 0};
   dispatch<true>(p, y.scalar_type());
