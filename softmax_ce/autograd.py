@@ -38,30 +38,57 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 # softmax / log_softmax
 # ------------------------------------------------------------------------------------------
+#
+# The Functions below (all but ReducedCrossEntropyFunction) are written in torch.func's style:
+# forward without ctx, setup_context, a generated vmap rule (the ops have vmap rules, ops.py) and a
+# jvp for forward-mode AD, so vmap, grad, jacrev, jacfwd, jvp and torch.autograd.forward_ad work
+# through them as through torch's own functions.
+
+
+def _acc(*tensors):
+    """The tensors in their accumulation dtype (float64 for float64, else float32)."""
+    acc = acc_dtype(tensors[0].dtype)
+    return [None if t is None else t.to(acc) for t in tensors]
 
 
 class SoftmaxFunction(torch.autograd.Function):
     """y = softmax(x) over dim 1 of an ``[outer, C, inner]`` tensor."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x):
-        y = ops.softmax_fwd(x, False)
-        ctx.save_for_backward(y)
-        return y
+    def forward(x):
+        return ops.softmax_fwd(x, False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return _SoftmaxBackward.apply(grad_y, y)
 
+    @staticmethod
+    def jvp(ctx, dx):
+        (y,) = ctx.saved_tensors
+        return ops.softmax_bwd(dx, y, False)  # J dx, J symmetric
+
 
 class _SoftmaxBackward(torch.autograd.Function):
     """dx = y * (g - <g, y>), a function of (g, y)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_y, y):
-        ctx.save_for_backward(grad_y, y)
+    def forward(grad_y, y):
         return ops.softmax_bwd(grad_y, y, False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx, v):
@@ -70,47 +97,91 @@ class _SoftmaxBackward(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_grad = _SoftmaxBackward.apply(v, y)  # J is symmetric
         if ctx.needs_input_grad[1]:
-            acc = acc_dtype(y.dtype)
-            g, ya, va = grad_y.to(acc), y.to(acc), v.to(acc)
+            g, ya, va = _acc(grad_y, y, v)
             d_y = va * (g - (g * ya).sum(1, keepdim=True)) - g * (va * ya).sum(1, keepdim=True)
             d_y = d_y.to(y.dtype)
         return d_grad, d_y
+
+    @staticmethod
+    def jvp(ctx, dg, dy):
+        grad_y, y = ctx.saved_tensors
+        g, ya = _acc(grad_y, y)
+        out = torch.zeros_like(ya)
+        if dg is not None:
+            (dga,) = _acc(dg)
+            out = out + ya * (dga - (dga * ya).sum(1, keepdim=True))
+        if dy is not None:
+            (dya,) = _acc(dy)
+            out = out + dya * (g - (g * ya).sum(1, keepdim=True))
+            out = out - ya * (g * dya).sum(1, keepdim=True)
+        return out.to(y.dtype)
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
     """y = log_softmax(x) over dim 1 of an ``[outer, C, inner]`` tensor."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x):
-        y = ops.softmax_fwd(x, True)
-        ctx.save_for_backward(y)
-        return y
+    def forward(x):
+        return ops.softmax_fwd(x, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return _LogSoftmaxBackward.apply(grad_y, y)
 
+    @staticmethod
+    def jvp(ctx, dx):
+        (y,) = ctx.saved_tensors
+        ya, dxa = _acc(y, dx)
+        return (dxa - (dxa * torch.exp(ya)).sum(1, keepdim=True)).to(y.dtype)
+
 
 class _LogSoftmaxBackward(torch.autograd.Function):
     """dx = g - exp(y) * sum(g), a function of (g, y)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_y, y):
-        ctx.save_for_backward(grad_y, y)
+    def forward(grad_y, y):
         return ops.softmax_bwd(grad_y, y, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx, v):
         grad_y, y = ctx.saved_tensors
-        acc = acc_dtype(y.dtype)
-        p, va = torch.exp(y.to(acc)), v.to(acc)
+        ya, va = _acc(y, v)
+        p = torch.exp(ya)
         d_grad = d_y = None
         if ctx.needs_input_grad[0]:
             d_grad = (va - (va * p).sum(1, keepdim=True)).to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            d_y = (-va * p * grad_y.to(acc).sum(1, keepdim=True)).to(y.dtype)
+            d_y = (-va * p * grad_y.to(va.dtype).sum(1, keepdim=True)).to(y.dtype)
         return d_grad, d_y
+
+    @staticmethod
+    def jvp(ctx, dg, dy):
+        grad_y, y = ctx.saved_tensors
+        g, ya = _acc(grad_y, y)
+        p = torch.exp(ya)
+        out = torch.zeros_like(ya)
+        if dg is not None:
+            (dga,) = _acc(dg)
+            out = out + dga - p * dga.sum(1, keepdim=True)
+        if dy is not None:
+            (dya,) = _acc(dy)
+            out = out - p * dya * g.sum(1, keepdim=True)
+        return out.to(y.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,24 +196,28 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     ``[outer, C, inner]`` (floating). ``weight`` is ``[C]`` in the accumulation dtype or None.
     ``softcap`` 0 disables soft-capping. With ``inplace_backward`` the first-order backward writes
     the gradient into the logits' storage and bumps their version counter, so any other saved use
-    of those logits fails loudly instead of reading a gradient.
+    of those logits fails loudly instead of reading a gradient (not under torch.func transforms).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+    def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                 inplace_backward=False):
-        prob = target.is_floating_point()
-        if prob:
-            loss, lse = ops.ce_prob_fwd(logits, target, weight, label_smoothing, z_loss, softcap)
-        else:
-            loss, lse = ops.ce_fwd(
-                logits, target, weight, ignore_index, label_smoothing, z_loss, softcap
-            )
+        if target.is_floating_point():
+            return ops.ce_prob_fwd(logits, target, weight, label_smoothing, z_loss, softcap)
+        return ops.ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs[:7]
+        inplace_backward = inputs[7] if len(inputs) > 7 else False
+        lse = output[1]
         ctx.save_for_backward(logits, target, weight, lse)
-        ctx.params = (prob, ignore_index, label_smoothing, z_loss, softcap)
+        ctx.save_for_forward(logits, target, weight, lse)
+        ctx.params = (target.is_floating_point(), ignore_index, label_smoothing, z_loss, softcap)
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(lse)
-        return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
@@ -161,6 +236,25 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                     grad_loss, logits, target, weight, lse, *ctx.params
                 )
         return grad_logits, grad_target, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, *_):
+        """d loss = <dloss/dx, dx> + <dloss/dt, dt>; lse is not differentiable."""
+        logits, target, weight, lse = ctx.saved_tensors
+        prob, ignore_index, eps, z_loss, softcap = ctx.params
+        acc = acc_dtype(logits.dtype)
+        d_loss = torch.zeros(lse.shape, dtype=acc, device=lse.device)
+        if d_logits is not None:
+            ones = torch.ones_like(d_loss)
+            g1 = _ce_grad(ones, logits, target, weight, lse, *ctx.params)
+            d_loss = d_loss + (g1.to(acc) * d_logits.to(acc)).sum(1)
+        if prob and d_target is not None:
+            logp = _capped(logits.to(acc), softcap) - lse.unsqueeze(1).to(acc)
+            coef = -(1 - eps) * logp
+            if weight is not None:
+                coef = coef * weight.view(1, -1, 1)
+            d_loss = d_loss + (coef * d_target.to(acc)).sum(1)
+        return d_loss, None
 
 
 class ReducedCrossEntropyFunction(torch.autograd.Function):
@@ -260,80 +354,121 @@ def _capped(logits, softcap):
     return logits
 
 
-class _CrossEntropyBackward(torch.autograd.Function):
-    """grad_logits as a function of (grad_loss, logits, target); its backward is the second
-    derivative of the loss (see the module docstring)."""
+class _SecondOrder:
+    """The pieces of the cross-entropy's second derivative at (grad_loss, logits, target), all
+    in differentiable torch ops (the lse is recomputed from x, not taken from the saved constant),
+    so products with them can be differentiated again: third and higher derivatives are exact."""
 
-    @staticmethod
-    def forward(ctx, grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_loss,
-                softcap):
-        ctx.save_for_backward(grad_loss, logits, target, weight, lse)
-        ctx.params = (prob, ignore_index, eps, z_loss, softcap)
-        return _ce_grad(grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_loss,
-                        softcap)
-
-    @staticmethod
-    def backward(ctx, v):
-        grad_loss, logits, target, weight, lse = ctx.saved_tensors
-        prob, ignore_index, eps, z_loss, softcap = ctx.params
+    def __init__(self, grad_loss, logits, target, weight, prob, ignore_index, eps, z_loss,
+                 softcap):
         acc = acc_dtype(logits.dtype)
         C = logits.shape[1]
         x = logits.to(acc)
-        va = v.to(acc)
-        g = grad_loss.to(acc).unsqueeze(1)
+        self.g = grad_loss.to(acc).unsqueeze(1)
         if softcap > 0:
             th = torch.tanh(x / softcap)
-            xs, d1 = softcap * th, 1 - th * th
-            d2 = -2 * th * d1 / softcap
-            u = va * d1
+            xs, self.d1 = softcap * th, 1 - th * th
+            self.d2 = -2 * th * self.d1 / softcap
         else:
-            xs, d1, d2, u = x, None, None, va
-        # lse recomputed from x (not the saved one, a constant to autograd), so that this
-        # backward is itself exactly differentiable: third and higher derivatives are correct.
-        lse1 = torch.logsumexp(xs.double(), dim=1, keepdim=True)
-        p = torch.exp(xs.double() - lse1).to(acc)
-        lse1 = lse1.to(acc)
+            xs, self.d1, self.d2 = x, None, None
+        lse = torch.logsumexp(xs.double(), dim=1, keepdim=True)
+        self.p = torch.exp(xs.double() - lse).to(acc)
+        lse = lse.to(acc)
         w = weight.view(1, C, 1) if weight is not None else None
-
+        self.w, self.eps = w, eps
         # b: the target-dependent part of the gradient, A = sum_c b_c; zc = 2 z (0 if ignored).
         if prob:
             t = target.to(acc)
             if eps > 0:
                 t = t * (1 - eps) + eps / C
             b = t * w if w is not None else t
-            a = b.sum(1, keepdim=True)
-            zc = torch.full_like(a, 2 * z_loss)
+            zc = torch.full_like(lse, 2 * z_loss)
         else:
             valid = (target != ignore_index).unsqueeze(1)
             safe = torch.where(valid, target.unsqueeze(1), torch.zeros_like(target.unsqueeze(1)))
             onehot = torch.zeros_like(x).scatter_(1, safe.long(), 1.0)
-            w_y = w.expand_as(x).gather(1, safe.long()) if w is not None else torch.ones_like(lse1)
+            w_y = w.expand_as(x).gather(1, safe.long()) if w is not None else torch.ones_like(lse)
             b = (1 - eps) * w_y * onehot
             if eps > 0:
                 b = b + (eps / C) * (w if w is not None else 1.0)
             b = b * valid
-            a = b.sum(1, keepdim=True)
             zc = valid * (2 * z_loss)
-        k = a + zc * lse1
-        g1 = k * p - b  # gradient w.r.t. x' at unit upstream gradient
+        self.zc = zc
+        self.k = b.sum(1, keepdim=True) + zc * lse
+        self.g1 = self.k * self.p - b  # gradient w.r.t. x' at a unit upstream gradient
 
+    def unit_gradient(self):
+        """dloss/dx at a unit upstream gradient, [outer, C, inner]."""
+        return self.g1 if self.d1 is None else self.g1 * self.d1
+
+    def hessian_product(self, v):
+        """g * H v (H the Hessian of the loss in x, symmetric): the vjp and the jvp in x."""
+        u = v if self.d1 is None else v * self.d1
+        ju = _SoftmaxBackward.apply(u, self.p)  # J u = p * (u - <u, p>), differentiable
+        hu = self.k * ju + self.zc * self.p * (u * self.p).sum(1, keepdim=True)
+        if self.d1 is not None:
+            hu = hu * self.d1 + self.g1 * self.d2 * v
+        return self.g * hu
+
+    def target_vjp(self, v):
+        """<v, d grad / d t> for probability targets."""
+        u = v if self.d1 is None else v * self.d1
+        d_t = self.g * (1 - self.eps) * ((u * self.p).sum(1, keepdim=True) - u)
+        return d_t * self.w if self.w is not None else d_t
+
+    def target_jvp(self, dt):
+        """(d grad / d t) dt for probability targets."""
+        wdt = (1 - self.eps) * (dt * self.w if self.w is not None else dt)
+        out = self.g * (wdt.sum(1, keepdim=True) * self.p - wdt)
+        return out if self.d1 is None else out * self.d1
+
+
+class _CrossEntropyBackward(torch.autograd.Function):
+    """grad_logits as a function of (grad_loss, logits, target); its backward is the second
+    derivative of the loss (see the module docstring)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_loss, softcap):
+        return _ce_grad(grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_loss,
+                        softcap)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_loss, logits, target, weight, lse = inputs[:5]
+        ctx.save_for_backward(grad_loss, logits, target, weight, lse)
+        ctx.save_for_forward(grad_loss, logits, target, weight, lse)
+        ctx.params = inputs[5:]
+
+    @staticmethod
+    def backward(ctx, v):
+        grad_loss, logits, target, weight, lse = ctx.saved_tensors
+        prob = ctx.params[0]
+        so = _SecondOrder(grad_loss, logits, target, weight, *ctx.params)
+        va = v.to(so.p.dtype)
         d_grad_loss = d_logits = d_target = None
         if ctx.needs_input_grad[0]:
-            contrib = va * g1 if d1 is None else va * g1 * d1
-            d_grad_loss = contrib.sum(1).to(grad_loss.dtype)
+            d_grad_loss = (va * so.unit_gradient()).sum(1).to(grad_loss.dtype)
         if ctx.needs_input_grad[1]:
-            ju = _SoftmaxBackward.apply(u, p)  # J u = p * (u - <u, p>), differentiable
-            hu = k * ju + zc * p * (u * p).sum(1, keepdim=True)
-            if d1 is not None:
-                hu = hu * d1 + g1 * d2 * va
-            d_logits = (g * hu).to(logits.dtype)
+            d_logits = so.hessian_product(va).to(logits.dtype)
         if prob and ctx.needs_input_grad[2]:
-            up = (u * p).sum(1, keepdim=True)
-            d_t = g * (1 - eps) * (up - u)
-            if w is not None:
-                d_t = d_t * w
-            d_target = d_t.to(target.dtype)
+            d_target = so.target_vjp(va).to(target.dtype)
         return d_grad_loss, d_logits, d_target, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_grad_loss, d_logits, d_target, *_):
+        grad_loss, logits, target, weight, lse = ctx.saved_tensors
+        prob = ctx.params[0]
+        so = _SecondOrder(grad_loss, logits, target, weight, *ctx.params)
+        out = torch.zeros_like(so.p)
+        if d_grad_loss is not None:
+            out = out + d_grad_loss.to(out.dtype).unsqueeze(1) * so.unit_gradient()
+        if d_logits is not None:
+            out = out + so.hessian_product(d_logits.to(out.dtype))
+        if prob and d_target is not None:
+            out = out + so.target_jvp(d_target.to(out.dtype))
+        return out.to(logits.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,10 +482,16 @@ class SigmoidCrossEntropyFunction(torch.autograd.Function):
     ``weight`` and ``pos_weight`` broadcast to the logits' shape; all tensors share one dtype.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, logits, target, weight, pos_weight):
-        ctx.save_for_backward(logits, target, weight, pos_weight)
+    def forward(logits, target, weight, pos_weight):
         return ops.sigmoid_ce_fwd(logits, target, weight, pos_weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -361,38 +502,97 @@ class SigmoidCrossEntropyFunction(torch.autograd.Function):
                 grad_loss, logits, target, weight, pos_weight
             )
         if ctx.needs_input_grad[1]:
-            # dloss/dy = w * [-x + (pw - 1) log(1 + exp(-x))]
-            d = -logits
-            if pos_weight is not None:
-                d = d + (pos_weight - 1) * F.softplus(-logits)
-            if weight is not None:
-                d = d * weight
-            grad_target = (grad_loss * d).to(target.dtype)
+            grad_target = (grad_loss * _bce_target_derivative(logits, weight, pos_weight))
+            grad_target = grad_target.to(target.dtype)
         return grad_logits, grad_target, None, None
+
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, *_):
+        logits, target, weight, pos_weight = ctx.saved_tensors
+        out = torch.zeros_like(logits)
+        if d_logits is not None:
+            out = out + ops.sigmoid_ce_bwd(d_logits, logits, target, weight, pos_weight)
+        if d_target is not None:
+            out = out + d_target * _bce_target_derivative(logits, weight, pos_weight)
+        return out
+
+
+def _bce_target_derivative(logits, weight, pos_weight):
+    """dloss/dy = w * [-x + (pw - 1) log(1 + exp(-x))]."""
+    d = -logits
+    if pos_weight is not None:
+        d = d + (pos_weight - 1) * F.softplus(-logits)
+    if weight is not None:
+        d = d * weight
+    return d
+
+
+class _BceSecondOrder:
+    """d/d(g, x, y) of grad = g w [c sigmoid(x) - pw y], c = pw y + 1 - y: all diagonal."""
+
+    def __init__(self, grad_loss, logits, target, weight, pos_weight):
+        x, y, self.g = _acc(logits, target, grad_loss)
+        self.s = torch.sigmoid(x)
+        pw = pos_weight.to(x.dtype) if pos_weight is not None else None
+        self.pw = pw
+        self.c = pw * y + 1 - y if pw is not None else torch.ones_like(y)
+        self.y = y
+        self.w = weight.to(x.dtype) if weight is not None else None
+
+    def weighted(self, v):
+        return v * self.w if self.w is not None else v
+
+    def by_grad_loss(self):
+        return self.c * self.s - (self.pw * self.y if self.pw is not None else self.y)
+
+    def by_logits(self):
+        return self.g * self.c * self.s * (1 - self.s)
+
+    def by_target(self):
+        dy = (self.pw - 1) * self.s - self.pw if self.pw is not None else -torch.ones_like(self.s)
+        return self.g * dy
 
 
 class _SigmoidCrossEntropyBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad_loss, logits, target, weight, pos_weight):
-        ctx.save_for_backward(grad_loss, logits, target, weight, pos_weight)
+    def forward(grad_loss, logits, target, weight, pos_weight):
         return ops.sigmoid_ce_bwd(grad_loss, logits, target, weight, pos_weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx, v):
         grad_loss, logits, target, weight, pos_weight = ctx.saved_tensors
-        acc = acc_dtype(logits.dtype)
-        x, y, va, g = logits.to(acc), target.to(acc), v.to(acc), grad_loss.to(acc)
-        s = torch.sigmoid(x)
-        pw = pos_weight.to(acc) if pos_weight is not None else None
-        c = pw * y + 1 - y if pw is not None else torch.ones_like(y)
-        if weight is not None:
-            va = va * weight.to(acc)
+        so = _BceSecondOrder(grad_loss, logits, target, weight, pos_weight)
+        va = so.weighted(v.to(so.s.dtype))
         d_grad = d_logits = d_target = None
         if ctx.needs_input_grad[0]:
-            d_grad = (va * (c * s - (pw * y if pw is not None else y))).to(grad_loss.dtype)
+            d_grad = (va * so.by_grad_loss()).to(grad_loss.dtype)
         if ctx.needs_input_grad[1]:
-            d_logits = (va * g * c * s * (1 - s)).to(logits.dtype)
+            d_logits = (va * so.by_logits()).to(logits.dtype)
         if ctx.needs_input_grad[2]:
-            dy = (pw - 1) * s - pw if pw is not None else -torch.ones_like(s)
-            d_target = (va * g * dy).to(target.dtype)
+            d_target = (va * so.by_target()).to(target.dtype)
         return d_grad, d_logits, d_target, None, None
+
+    @staticmethod
+    def jvp(ctx, d_grad, d_logits, d_target, *_):
+        grad_loss, logits, target, weight, pos_weight = ctx.saved_tensors
+        so = _BceSecondOrder(grad_loss, logits, target, weight, pos_weight)
+        out = torch.zeros_like(so.s)
+        for tangent, factor in ((d_grad, so.by_grad_loss), (d_logits, so.by_logits),
+                                (d_target, so.by_target)):
+            if tangent is not None:
+                out = out + tangent.to(out.dtype) * factor()
+        return so.weighted(out).to(logits.dtype)
+
+
+def without_jvp(cls):
+    """The same Function without its jvp, for torch.compile: dynamo cannot trace a Function that
+    defines one (forward-mode AD does not run under torch.compile anyway)."""
+    return type(cls.__name__, (cls,), {"jvp": torch.autograd.Function.jvp,
+                                       "__doc__": cls.__doc__, "__module__": cls.__module__})

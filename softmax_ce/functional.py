@@ -22,6 +22,7 @@ from .autograd import (
     SigmoidCrossEntropyFunction,
     SoftmaxCrossEntropyFunction,
     SoftmaxFunction,
+    without_jvp,
 )
 from . import ops
 from .reference import acc_dtype
@@ -133,9 +134,12 @@ def _gradient_in_forward_enabled() -> bool:
 
 
 def _tracks_grad(*tensors) -> bool:
-    """Whether autograd records this call: grad mode on and some input requires grad. Calls it
-    does not record skip the autograd.Function (a few microseconds per call) and run the op."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd may record this call: grad mode on and some input requires grad, or a
+    torch.func transform or forward-mode AD is running. Calls it does not record skip the
+    autograd.Function (a few microseconds per call) and run the op."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return _functorch_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 def _inplace_allowed(input: Tensor) -> bool:
@@ -155,21 +159,33 @@ def _functorch_active() -> bool:
 
 
 def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
+    """Whether the mean / sum takes ReducedCrossEntropyFunction (the gradient formed in the
+    forward pass): plain reverse-mode autograd in eager mode only."""
     return (
         reduction != "none"
         and not inplace
-        and _tracks_grad(x3)
+        and torch.is_grad_enabled()
+        and x3.requires_grad
         and x3.numel() > 0
         and not torch.compiler.is_compiling()
         and _gradient_in_forward_enabled()
         and not _functorch_active()
+        and torch.autograd.forward_ad._current_level < 0
     )
+
+
+# The Functions' jvp-free twins, applied under torch.compile (autograd.without_jvp).
+_CE_FOR_COMPILE = without_jvp(SoftmaxCrossEntropyFunction)
+_SOFTMAX_FOR_COMPILE = without_jvp(SoftmaxFunction)
+_LOG_SOFTMAX_FOR_COMPILE = without_jvp(LogSoftmaxFunction)
+_BCE_FOR_COMPILE = without_jvp(SigmoidCrossEntropyFunction)
 
 
 def _ce_per_position(x3, t, w, inplace, *args):
     """Per-position loss [outer, inner]; args: ignore_index, label_smoothing, z_loss, softcap."""
     if _tracks_grad(x3, t):
-        loss, _ = SoftmaxCrossEntropyFunction.apply(x3, t, w, *args, inplace)
+        function = _CE_FOR_COMPILE if torch.compiler.is_compiling() else SoftmaxCrossEntropyFunction
+        loss, _ = function.apply(x3, t, w, *args, inplace)
         return loss
     if t.is_floating_point():
         return ops.ce_prob_fwd(x3, t, w, *args[1:])[0]
@@ -423,13 +439,17 @@ def _softmax_dim(ndim: int, stacklevel: int, name: str) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def _softmax_apply(function, x3):
+def _softmax_apply(log: bool, x3):
     if _tracks_grad(x3):
+        if torch.compiler.is_compiling():
+            function = _LOG_SOFTMAX_FOR_COMPILE if log else _SOFTMAX_FOR_COMPILE
+        else:
+            function = LogSoftmaxFunction if log else SoftmaxFunction
         return function.apply(x3)
-    return ops.softmax_fwd(x3, function is LogSoftmaxFunction)
+    return ops.softmax_fwd(x3, log)
 
 
-def _softmax_common(function, name, input, dim, stacklevel, dtype):
+def _softmax_common(log, name, input, dim, stacklevel, dtype):
     if dim is None:
         dim = _softmax_dim(input.dim(), stacklevel + 1, name)
     if dtype is not None:
@@ -440,7 +460,7 @@ def _softmax_common(function, name, input, dim, stacklevel, dtype):
             raise IndexError(
                 f"Dimension out of range (expected to be in range of [-1, 0], but got {dim})"
             )
-        return _softmax_apply(function, input.reshape(1, 1, 1)).reshape(())
+        return _softmax_apply(log, input.reshape(1, 1, 1)).reshape(())
     ndim = input.dim()
     if not -ndim <= dim < ndim:
         raise IndexError(
@@ -450,21 +470,21 @@ def _softmax_common(function, name, input, dim, stacklevel, dtype):
     dim = dim % ndim
     shape = tuple(input.shape)
     x3 = input.reshape(_numel(shape[:dim]), shape[dim], _numel(shape[dim + 1:]))
-    return _softmax_apply(function, x3).reshape(shape)
+    return _softmax_apply(log, x3).reshape(shape)
 
 
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
             dtype: Optional[torch.dtype] = None) -> Tensor:
     """softmax(x)_c = exp(x_c - logsumexp(x)); a drop-in for ``torch.nn.functional.softmax``
     with a hand-written gradient (y * (g - <g, y>))."""
-    return _softmax_common(SoftmaxFunction, "softmax", input, dim, _stacklevel, dtype)
+    return _softmax_common(False, "softmax", input, dim, _stacklevel, dtype)
 
 
 def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
                 dtype: Optional[torch.dtype] = None) -> Tensor:
     """log_softmax(x)_c = x_c - logsumexp(x); a drop-in for ``torch.nn.functional.log_softmax``
     with a hand-written gradient (g - exp(y) * sum(g))."""
-    return _softmax_common(LogSoftmaxFunction, "log_softmax", input, dim, _stacklevel, dtype)
+    return _softmax_common(True, "log_softmax", input, dim, _stacklevel, dtype)
 
 
 def binary_cross_entropy_with_logits(
@@ -520,7 +540,8 @@ def binary_cross_entropy_with_logits(
     w = weight.to(common) if weight is not None else None
     pw = pos_weight.to(common) if pos_weight is not None else None
     if _tracks_grad(x, t):
-        loss = SigmoidCrossEntropyFunction.apply(x, t, w, pw)
+        function = _BCE_FOR_COMPILE if torch.compiler.is_compiling() else SigmoidCrossEntropyFunction
+        loss = function.apply(x, t, w, pw)
     else:
         loss = ops.sigmoid_ce_fwd(x, t, w, pw)
     if reduction == "none":

@@ -194,6 +194,91 @@ def _sigmoid_ce_bwd_fake(grad_loss, logits, target, weight, pos_weight):
 
 
 # --------------------------------------------------------------------------------------------
+# vmap rules (torch.func.vmap, and the generated vmap rules of autograd.py's Functions). The ops
+# that write into an argument have none: vmap over them raises torch's error.
+# --------------------------------------------------------------------------------------------
+
+# The arguments with a leading per-position dimension (outer); every other tensor argument
+# (weight) is shared by all positions.
+_PER_POSITION = {
+    "ce_fwd": (0, 1), "ce_prob_fwd": (0, 1),
+    "ce_bwd": (0, 1, 2, 4), "ce_prob_bwd": (0, 1, 2, 4),
+    "ce_fwd_bwd": (0, 1, 2), "ce_prob_fwd_bwd": (0, 1, 2),
+    "softmax_fwd": (0,), "softmax_bwd": (0, 1),
+}
+
+
+def _vmap_loop(op, batch_size, in_dims, args):
+    """One call per batch element, results stacked: the rule for a batched shared argument."""
+    results = []
+    for i in range(batch_size):
+        results.append(op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]))
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+    return torch.stack(results), 0
+
+
+def _fold_rule(name):
+    """The batch dimension folded into the outer one: one call for the whole batch."""
+    op = getattr(torch.ops.softmax_ce, name).default
+    per_position = _PER_POSITION[name]
+
+    def rule(info, in_dims, *args):
+        B = info.batch_size
+        shared_batched = any(d is not None for i, d in enumerate(in_dims) if i not in per_position)
+        if shared_batched:
+            return _vmap_loop(op, B, in_dims, args)
+        args = list(args)
+        outer = None
+        for i in per_position:
+            a, d = args[i], in_dims[i]
+            a = a.movedim(d, 0) if d is not None else a.unsqueeze(0).expand(B, *a.shape)
+            outer = a.shape[1]
+            args[i] = a.reshape(B * outer, *a.shape[2:])
+        out = op(*args)
+
+        def unfold(t):
+            return t.reshape(B, outer, *t.shape[1:])
+
+        if isinstance(out, tuple):
+            return tuple(unfold(t) for t in out), (0,) * len(out)
+        return unfold(out), 0
+
+    return rule
+
+
+def _elementwise_rule(name, logits_index, full_shape_args):
+    """The sigmoid ops: the batch dimension in front, broadcast arguments lined up under it."""
+    op = getattr(torch.ops.softmax_ce, name).default
+
+    def rule(info, in_dims, *args):
+        B = info.batch_size
+        x, dx = args[logits_index], in_dims[logits_index]
+        ndim = x.dim() - (dx is not None)  # the logical shape's rank
+        out_args = []
+        for i, (a, d) in enumerate(zip(args, in_dims)):
+            if a is None or not isinstance(a, torch.Tensor):
+                out_args.append(a)
+                continue
+            if d is not None:
+                a = a.movedim(d, 0)
+                a = a.reshape(B, *([1] * (ndim - (a.dim() - 1))), *a.shape[1:])
+            elif i in full_shape_args:
+                a = a.unsqueeze(0).expand(B, *a.shape)
+            out_args.append(a)
+        return op(*out_args), 0
+
+    return rule
+
+
+for _name in _PER_POSITION:
+    torch.library.register_vmap(f"softmax_ce::{_name}", _fold_rule(_name))
+torch.library.register_vmap("softmax_ce::sigmoid_ce_fwd", _elementwise_rule("sigmoid_ce_fwd", 0, (0, 1)))
+torch.library.register_vmap("softmax_ce::sigmoid_ce_bwd",
+                            _elementwise_rule("sigmoid_ce_bwd", 1, (0, 1, 2)))
+
+
+# --------------------------------------------------------------------------------------------
 # Which implementation serves a device (or each op), and a switch that forces the reference (for
 # tests and the benchmark; eager mode only).
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 torch.export. These exercise whatever implementation the dispatcher serves (the compiled kernels
 when built; CI also runs this file with SOFTMAX_CE_DISABLE_EXTENSION=1 for the reference)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,12 @@ def _ce_samples(device):
 
 
 def _opcheck(op, args):
-    result = torch.library.opcheck(op, args)
+    # opcheck's autograd test backpropagates through the raw op itself, which has no autograd
+    # kernel by design (autograd.py's Functions differentiate the ops): torch warns about that.
+    # Only here is the warning expected; pyproject.toml makes it an error everywhere else.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*autograd kernel was not registered.*", UserWarning)
+        result = torch.library.opcheck(op, args)
     failures = {k: v for k, v in result.items() if v != "SUCCESS"}
     assert not failures, failures
 
