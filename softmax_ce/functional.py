@@ -139,7 +139,7 @@ def _tracks_grad(*tensors) -> bool:
     autograd.Function (a few microseconds per call) and run the op."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return True
-    return _functorch_active() or torch.autograd.forward_ad._current_level >= 0
+    return ops.functorch_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 def _inplace_allowed(input: Tensor) -> bool:
@@ -147,15 +147,10 @@ def _inplace_allowed(input: Tensor) -> bool:
     ``torch.compile`` or a ``torch.func`` transform, and not when that storage belongs to a leaf
     (a parameter or a user's tensor: its values would be destroyed and its ``.grad`` would share
     its storage); the gradient then goes to a fresh buffer."""
-    if torch.compiler.is_compiling() or _functorch_active():
+    if torch.compiler.is_compiling() or ops.functorch_active():
         return False
     base = input._base if input._base is not None else input
     return not base.is_leaf
-
-
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
@@ -169,7 +164,7 @@ def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
         and x3.numel() > 0
         and not torch.compiler.is_compiling()
         and _gradient_in_forward_enabled()
-        and not _functorch_active()
+        and not ops.functorch_active()
         and torch.autograd.forward_ad._current_level < 0
     )
 

@@ -290,11 +290,17 @@ def reference_forced() -> bool:
     return _forced[0]
 
 
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 @contextlib.contextmanager
 def force_reference(enabled: bool = True):
     """Within this context every op runs the pure-PyTorch reference, even where a compiled kernel
     is registered (process-wide: threads started inside it see it too). Meant for tests and
-    benchmarks in eager mode."""
+    benchmarks in eager mode: not under torch.compile or torch.func transforms, where the
+    dispatcher chooses (run with SOFTMAX_CE_DISABLE_EXTENSION=1 for the reference there)."""
     previous = _forced[0]
     _forced[0] = bool(enabled)
     try:
@@ -326,7 +332,7 @@ def _make_caller(name):
     ref = getattr(reference, name)
 
     def call(*args):
-        if not torch.compiler.is_compiling() and reference_forced():
+        if reference_forced() and not torch.compiler.is_compiling() and not functorch_active():
             return ref(*args)
         return op(*args)
 

@@ -53,3 +53,31 @@ def assert_no_worse_than_torch(ours, theirs, truth, dtype, slack=None, what=""):
     if slack is None:
         slack = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * truth.abs().max().item() if truth.numel() else 0
     assert err_ours <= err_torch + slack, f"{what}: ours {err_ours:.3g} vs torch {err_torch:.3g}"
+
+
+def truth_cross_entropy(x, t, weight=None, ignore_index=-100, label_smoothing=0.0,
+                        reduction="mean", z_loss=0.0, softcap=None):
+    """torch's cross_entropy (and our z-loss and soft-capping) written out in plain differentiable
+    torch ops, class dimension 1: an oracle that torch.func can transform (torch's own function
+    cannot be vmapped with some options) and that covers our extensions.
+    tests/test_torch_func.py checks it against torch's cross_entropy."""
+    C = x.shape[1]
+    xs = softcap * torch.tanh(x / softcap) if softcap else x
+    lse = torch.logsumexp(xs, 1)
+    nlp = lse.unsqueeze(1) - xs
+    w = weight if weight is not None else torch.ones(C, dtype=x.dtype, device=x.device)
+    if t.is_floating_point():
+        tt = t * (1 - label_smoothing) + label_smoothing / C
+        loss = (w.view(1, C, *([1] * (x.dim() - 2))) * tt * nlp).sum(1) + z_loss * lse * lse
+        denom = torch.tensor(float(loss.numel()), dtype=x.dtype, device=x.device)
+    else:
+        valid = t != ignore_index
+        safe = torch.where(valid, t, torch.zeros_like(t))
+        w_y = w[safe]
+        loss = (1 - label_smoothing) * w_y * nlp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        loss = loss + (label_smoothing / C) * (w.view(1, C, *([1] * (x.dim() - 2))) * nlp).sum(1) + z_loss * lse * lse
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        denom = torch.where(valid, w_y, torch.zeros_like(w_y)).sum()
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / denom

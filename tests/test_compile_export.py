@@ -228,3 +228,70 @@ def test_regression_compile_changing_row_counts_at_most_one_recompile(classes):
         torch.testing.assert_close(grad, expected_grad)
         del x, grad, expected_grad
     assert counter.frame_count - first <= 1, counter.frame_count - first
+
+
+def _as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _offset(x):
+    """The same values in a contiguous tensor that starts one element into its storage (its
+    data pointer is not 16-byte aligned)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    buf[1:] = x.reshape(-1)
+    return buf[1:].view(x.shape)
+
+
+def test_regression_fakes_match_real_outputs_on_unaligned_inputs(device):
+    """Bug (CUDA): outputs of an input with a storage offset were allocated with the input's
+    alignment (a storage offset of their own) while the fakes promise offset 0, which compiled
+    code trusts. Every op's real outputs must have the fake's sizes, strides and offset."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.softmax_ce
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _offset(torch.randn(3, 37, 2, device=device).to(dtype))
+        t = torch.randint(0, 37, (3, 2), device=device)
+        p = _offset(torch.softmax(torch.randn(3, 37, 2, device=device), 1).to(dtype))
+        g = torch.rand(3, 2, device=device)
+        _, lse = ops.ce_fwd(x, t, None, -100, 0.1, 0.0, 0.0)
+        y = _offset(torch.rand(3, 37, 2, device=device).to(dtype))
+        calls = [
+            (ops.ce_fwd.default, (x, t, None, -100, 0.1, 0.0, 0.0)),
+            (ops.ce_bwd.default, (g, x, t, None, lse, -100, 0.1, 0.0, 0.0)),
+            (ops.ce_prob_fwd.default, (x, p, None, 0.1, 0.0, 0.0)),
+            (ops.ce_prob_bwd.default, (g, x, p, None, lse, 0.1, 0.0, 0.0)),
+            (ops.ce_fwd_bwd.default, (g, x, t, None, -100, 0.1, 0.0, 0.0)),
+            (ops.ce_prob_fwd_bwd.default, (g, x, p, None, 0.1, 0.0, 0.0)),
+            (ops.softmax_fwd.default, (x, False)),
+            (ops.softmax_bwd.default, (y, y, True)),
+            (ops.sigmoid_ce_fwd.default, (x, y, None, None)),
+            (ops.sigmoid_ce_bwd.default, (y, x, y, None, None)),
+        ]
+        for op, args in calls:
+            real = _as_tuple(op(*args))
+            with FakeTensorMode() as mode:
+                fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+                fake = _as_tuple(op(*fake_args))
+            for r, f in zip(real, fake):
+                meta = lambda v: (tuple(v.shape), v.stride(), v.storage_offset(), v.dtype)  # noqa: E731
+                assert meta(r) == meta(f), (op, meta(r), meta(f))
+            _opcheck(op, args)
+
+
+def test_compile_on_unaligned_input(device):
+    torch._dynamo.reset()
+
+    def step(x, t):
+        return softmax_ce.cross_entropy(x, t, label_smoothing=0.1) + softmax_ce.softmax(x, 1).amax()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = _offset(torch.randn(6, 33, device=device)).requires_grad_()
+    t = torch.randint(0, 33, (6,), device=device)
+    got = compiled(x, t)
+    (g,) = torch.autograd.grad(got, x)
+    xt = x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(xt, t, label_smoothing=0.1) + F.softmax(xt, 1).amax()
+    (gt,) = torch.autograd.grad(expected, xt)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(g, gt)

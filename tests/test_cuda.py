@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce
+from conftest import require_compiled
+from helpers import truth_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def _compiled():
-    if softmax_ce.implementation("cuda") != "compiled":
-        pytest.skip("CUDA kernels not built")
+    require_compiled("cuda")
 
 
 @pytest.mark.parametrize("inplace,kind,reduction", [
@@ -108,11 +109,10 @@ def test_launch_shapes(shape, dtype, options, reduction):
                                     reduction=reduction, **kw)
     up = torch.randn(ours.shape, device="cuda")
     (g,) = torch.autograd.grad(ours, xr, up.to(ours.dtype))
-    with softmax_ce.force_reference():
-        xd = x.double().requires_grad_()
-        ref = softmax_ce.cross_entropy(xd, t, w.double() if w is not None else None,
-                                       reduction=reduction, **kw)
-        (g_ref,) = torch.autograd.grad(ref, xd, up.double())
+    xd = x.double().requires_grad_()  # the float64 truth, in torch's own ops
+    ref = truth_cross_entropy(xd, t, w.double() if w is not None else None, reduction=reduction,
+                              **kw)
+    (g_ref,) = torch.autograd.grad(ref, xd, up.double())
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * 0.1 + 1e-7)
@@ -153,3 +153,38 @@ def test_softmax_shapes(shape):
         (gx_ref,) = torch.autograd.grad(y_ref, x, g)
         torch.testing.assert_close(y, y_ref)
         torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_regression_target_error_read_on_the_current_stream():
+    """Bug: cuda_take_target_error read the record with a copy on the legacy default stream,
+    which does not wait for PyTorch's (non-blocking) streams: a kernel still queued on a side
+    stream recorded its error after the read. The read is now ordered on the current stream."""
+    _compiled()
+    softmax_ce.cuda_take_target_error()
+    x = torch.randn(256, 1000, device="cuda")
+    t = torch.randint(0, 1000, (256,), device="cuda")
+    t[-1] = 5000
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # keeps the stream busy well past the host's next steps
+        loss = softmax_ce.cross_entropy(x, t, reduction="none")
+        assert softmax_ce.cuda_take_target_error() == 5000
+    assert torch.isnan(loss[-1])
+    assert softmax_ce.cuda_take_target_error() is None
+
+
+def test_regression_weighted_mean_out_of_range_target_no_device_assert():
+    """Bug: the weighted mean's denominator indexed `weight` with the raw target: an
+    out-of-range class was a device-side assert (a poisoned context) instead of NaN and a
+    recorded value."""
+    _compiled()
+    softmax_ce.cuda_take_target_error()
+    x = torch.randn(4, 5, device="cuda", requires_grad=True)
+    w = torch.rand(5, device="cuda") + 0.5
+    loss = softmax_ce.cross_entropy(x, torch.tensor([0, 1, 9, 2], device="cuda"), w)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert softmax_ce.cuda_take_target_error() == 9
+    t = torch.tensor([0, 1, 3, 2], device="cuda")  # the context is healthy afterwards
+    torch.testing.assert_close(softmax_ce.cross_entropy(x, t, w), F.cross_entropy(x, t, w))

@@ -98,3 +98,20 @@ def test_autograd_functions_directly(impl, device):
         return softmax_ce.SigmoidCrossEntropyFunction.apply(x, y, None, None)
 
     assert gradgradcheck(bce, (x,))
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("option", ["plain", "all_extras", "ignore"])
+def test_third_order_derivatives(impl, device, kind, option):
+    """gradgradcheck of the second-order path (the gradient as a differentiable function):
+    third derivatives. Before, the second-order backward treated the saved lse as a constant
+    and called a raw op: a third derivative was wrong (or raised only with a warning)."""
+    x, t, w, kw = _ce_inputs(device, kind, (3, 4), CE_OPTIONS[option])
+    t = t.detach()
+    v = torch.randn(3, 4, dtype=torch.float64, device=device)
+
+    def first(x):
+        (g,) = torch.autograd.grad(softmax_ce.cross_entropy(x, t, w, **kw), x, create_graph=True)
+        return (g * v).sum(1)
+
+    assert gradgradcheck(first, (x,))

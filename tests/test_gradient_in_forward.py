@@ -189,3 +189,73 @@ def test_gradcheck_fast_mode(impl, device, kind):
     x.requires_grad_()
     fn = lambda x: softmax_ce.cross_entropy(x, t, label_smoothing=0.1, z_loss=0.01)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+
+
+def test_regression_saved_tensor_hooks_see_the_gradient_formed_in_forward(impl, device):
+    """Bug: the gradient formed in the forward pass was kept outside save_for_backward, so
+    saved-tensor hooks (CPU offload, checkpointing) never saw it. Every tensor kept for backward
+    now goes through the hooks, and the gradients stay torch's."""
+    x = torch.randn(8, 50, device=device, requires_grad=True)
+    t = torch.randint(0, 50, (8,), device=device)
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor)
+        return tensor.clone()  # what an offloading hook does: a copy comes back
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = softmax_ce.cross_entropy(x * 1.0, t, label_smoothing=0.1)
+    assert "ReducedCrossEntropy" in type(loss.grad_fn).__name__
+    grads = [p.reshape(x.shape) for p in packed if p.numel() == x.numel() and p.is_floating_point()]
+    assert len(grads) == 2  # the logits and their gradient
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    F.cross_entropy(x2, t, label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    # the packed gradient is torch's (and the logits are the other one)
+    assert sum(torch.allclose(p, x2.grad, rtol=2e-5, atol=2e-6) for p in grads) == 1
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_non_reentrant_checkpoint(impl, device, kind):
+    """torch.utils.checkpoint (non-reentrant) around a block that ends in the loss: the same
+    gradients as torch's, with unit and other upstream gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 30).to(device)
+    h = torch.randn(10, 16, device=device, requires_grad=True)
+    t = torch.randint(0, 30, (10,), device=device) if kind == "index" else \
+        torch.softmax(torch.randn(10, 30, device=device), 1)
+    params = [h] + list(lin.parameters())
+    for upstream in (1.0, 0.25):
+        ours = checkpoint(lambda h: softmax_ce.cross_entropy(lin(h), t, label_smoothing=0.1), h,
+                          use_reentrant=False)
+        got = torch.autograd.grad(ours * upstream, params)
+        theirs = F.cross_entropy(lin(h), t, label_smoothing=0.1)
+        expected = torch.autograd.grad(theirs * upstream, params)
+        torch.testing.assert_close(ours, theirs)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+
+
+def test_regression_switches_are_seen_by_worker_threads(cpu_impl):
+    """Bug: gradient_in_forward and force_reference were per thread, so worker threads
+    (nn.DataParallel, a user's pool) did not see the caller's setting. They are process-wide."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.randn(4, 6, requires_grad=True)
+    t = torch.randint(0, 6, (4,))
+
+    def fused_in_worker():
+        return "ReducedCrossEntropy" in type(softmax_ce.cross_entropy(x, t).grad_fn).__name__
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(fused_in_worker).result()
+        with softmax_ce.gradient_in_forward(False):
+            assert not pool.submit(fused_in_worker).result()
+        assert pool.submit(fused_in_worker).result()
+        forced = not softmax_ce.ops.reference_forced()
+        with softmax_ce.force_reference(forced):
+            assert pool.submit(softmax_ce.ops.reference_forced).result() is forced
+        assert pool.submit(softmax_ce.ops.reference_forced).result() is not forced
