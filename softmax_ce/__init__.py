@@ -52,8 +52,9 @@ def cuda_take_target_error():
 
     On the GPU an out-of-range target never triggers a device-side assert (which would poison
     the CUDA context) and no kernel synchronises to check: the position gets a NaN loss and
-    gradient, and the first offending value is recorded on the device. This reads (synchronising
-    with the device) and clears it; call it where you would check a loss anyway.
+    gradient, and the first offending value is recorded on the device. This reads and clears it,
+    ordered after the work queued on the current stream (and waiting for it): call it in the
+    stream context of the loss, where you would check a loss anyway.
     """
     if _C is None:
         return None

@@ -2,7 +2,10 @@
 
 Forward and backward call only the ops of ``ops.py``; no backward differentiates through an
 autograd graph of log_softmax. Every first-order backward is itself a Function whose backward
-applies the second-order formula, so double backward (``create_graph=True``, gradgradcheck) works:
+applies the second-order formula, so double backward (``create_graph=True``, gradgradcheck) works;
+the second-order formulas are differentiable torch ops (and the softmax Function), so third and
+higher derivatives are exact too. Each Function also has a ``jvp`` (the same formulas, for
+forward-mode AD) and a generated vmap rule, for ``torch.func``:
 
 * softmax:      y = softmax(x);  dx = J g = y * (g - <g, y>)        (J is symmetric)
 * log_softmax:  y = log_softmax(x);  dx = g - exp(y) * sum(g)
@@ -11,7 +14,8 @@ applies the second-order formula, so double backward (``create_graph=True``, gra
       A = sum_c b_c  with b = (1-eps) w_y onehot(y) + (eps/C) w   (class-index targets)
                      or   b = w * ((1-eps) t + eps/C)              (probability targets);
   its derivative in x' is the softmax Jacobian applied to the cotangent, scaled:
-      H u = (A + 2 z lse) J u + 2 z p <p, u>,  J u = p * (u - <u, p>)  (the softmax backward op);
+      H u = (A + 2 z lse) J u + 2 z p <p, u>,  J u = p * (u - <u, p>)  (the softmax backward);
+  H is symmetric, so the same product serves the vjp and the jvp;
   soft-capping chains cap'(x) = 1 - tanh(x/s)^2 and cap''(x) = -2 tanh(x/s) cap'(x) / s.
 * sigmoid cross-entropy: dloss/dx = g * w * [(pw y + 1 - y) sigmoid(x) - pw y].
 

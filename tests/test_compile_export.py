@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce
+from helpers import truth_cross_entropy
 from softmax_ce import nn as scnn
 
 
@@ -139,6 +140,21 @@ def _target(name, n, device):
     return torch.randint(0, 6, (n,), device=device)
 
 
+# Each loss in torch's own functions (our extensions in the float64-style formula of helpers.py),
+# given our module (for its buffers): the eager results are checked against these.
+TORCH_LOSSES = {
+    "ce": lambda m: F.cross_entropy,
+    "ce_options": lambda m: lambda x, t: truth_cross_entropy(
+        x, t, m.weight, ignore_index=2, label_smoothing=0.1, z_loss=1e-3, softcap=5.0),
+    "ce_sum": lambda m: lambda x, t: F.cross_entropy(x, t, reduction="sum"),
+    "ce_inplace": lambda m: F.cross_entropy,
+    "ce_prob": lambda m: lambda x, t: F.cross_entropy(x, t, label_smoothing=0.05),
+    "bce": lambda m: lambda x, t: F.binary_cross_entropy_with_logits(x, t, pos_weight=m.pos_weight),
+    "log_softmax_nll": lambda m: lambda x, t: F.nll_loss(F.log_softmax(x, 1), t),
+    "softmax_mse": lambda m: lambda x, t: (F.softmax(x, 1) - F.one_hot(t, 6)).pow(2).mean(),
+}
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_compile_fullgraph_dynamic(device, name):
     torch._dynamo.reset()
@@ -149,6 +165,10 @@ def test_compile_fullgraph_dynamic(device, name):
         t = _target(name, n, device)
         eager_loss = model(h, t)
         eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+        torch_loss = TORCH_LOSSES[name](model.loss)(model.proj(h), t)
+        torch.testing.assert_close(eager_loss, torch_loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(eager_grads, torch.autograd.grad(torch_loss, list(model.parameters()))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         comp_loss = compiled(h, t)
         comp_grads = torch.autograd.grad(comp_loss, list(model.parameters()))
         torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-6)
@@ -196,6 +216,7 @@ def test_export(device, name):
     h2 = torch.randn(5, 8, device=device)
     t2 = _target(name, 5, device)
     torch.testing.assert_close(exported.module()(h2, t2), model(h2, t2))
+    torch.testing.assert_close(model(h2, t2), TORCH_LOSSES[name](model.loss)(model.proj(h2), t2))
 
 
 @pytest.mark.parametrize("classes", [

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce
-from helpers import assert_close, assert_unchanged, checksum
+from helpers import assert_close, assert_unchanged, checksum, truth_cross_entropy
 
 OPTIONS = {
     "plain": {},
@@ -42,6 +42,17 @@ def _loss_and_grad(x, t, kw, upstream, fused):
     return loss.detach(), x.grad, is_fused
 
 
+def _truth_loss_and_grad(x, t, kw, upstream):
+    kw = dict(kw)
+    xd = x.detach().double().requires_grad_()
+    if kw.pop("weight", False):
+        kw["weight"] = torch.linspace(0.5, 1.5, x.shape[1], device=x.device).to(x.dtype).double()
+    td = t.double() if t.is_floating_point() else t
+    loss = truth_cross_entropy(xd, td, **kw)
+    (loss * upstream).backward()
+    return loss.detach(), xd.grad
+
+
 # ignore_index applies to class indices only
 CASES = [(option, kind) for option in OPTIONS for kind in ("index", "prob")
          if not (kind == "prob" and "ignore_index" in OPTIONS[option])]
@@ -58,6 +69,10 @@ def test_same_as_backward_time_gradient(impl, device, dtype, option, kind):
         loss_u, grad_u, used_u = _loss_and_grad(x, t, kw, upstream, False)
         assert used and not used_u
         assert torch.equal(loss_f, loss_u)
+        # and both are torch's (float64 truth for our extensions and half precision)
+        truth, g_truth = _truth_loss_and_grad(x, t, kw, upstream)
+        assert_close(loss_f, truth, dtype, scale=3.0, what=f"{option} {kind} loss")
+        assert_close(grad_f, g_truth, dtype, what=f"{option} {kind} grad, upstream {upstream}")
         if upstream == 1.0:  # the gradient of the forward, handed over untouched
             assert torch.equal(grad_f, grad_u)
         else:  # rescaled in place: one more rounding in low precision
@@ -179,6 +194,8 @@ def test_handed_over_gradient_equals_recomputed_bit_for_bit(impl, device, kind, 
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
     (second,) = torch.autograd.grad(loss, x)
     assert torch.equal(first, second)
+    _, expected = _truth_loss_and_grad(x, t, {"label_smoothing": 0.1}, 1.0)
+    assert_close(first, expected, torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])
