@@ -116,6 +116,14 @@ def det_inputs():
 
 def test_deterministic_across_runs_and_thread_counts(cpu_impl, det_inputs):
     first = _run_all(*det_inputs)
+    # what is compared bit for bit is also torch's result (plain options, mean)
+    x, t, _ = det_inputs
+    xt = x.clone().requires_grad_()
+    expected = F.cross_entropy(xt, t)
+    expected.backward()
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(first[0], expected, **tol)
+    torch.testing.assert_close(first[1], xt.grad, **tol)
     assert _bits_equal(first, _run_all(*det_inputs))
     threads = torch.get_num_threads()
     try:
