@@ -3,7 +3,9 @@
 For each case (a shape and dtype) it times every available implementation of cross-entropy --
 softmax_ce (compiled kernels: by default the gradient formed in the forward pass; ``bwd-grad``
 with it formed in the backward, ``softmax_ce.gradient_in_forward(False)``; and with
-``inplace_backward=True``), the softmax_ce reference,
+``inplace_backward=True``, on logits that are an intermediate (the gradient of a leaf is never
+written into it), taken with ``autograd.grad`` as a model's head would receive it), the softmax_ce
+reference,
 ``F.cross_entropy`` eager and ``torch.compile(F.cross_entropy)`` -- forward and forward+backward,
 as the median of repeated, interleaved runs after warm-up; checks that they agree with eager torch;
 measures the extra peak memory of one forward+backward beyond the logits; and compares each time
@@ -203,20 +205,30 @@ def _fwd_step(fn, x, t):
     return step
 
 
+def _as_intermediate(x):
+    """A copy of x produced by an autograd op, as logits produced by a model's head: what the
+    in-place gradient overwrites (it never writes into a leaf's storage)."""
+    return x.detach().clone().requires_grad_().clone()
+
+
 def _fwdbwd_step(fn, x, t):
+    """loss.backward() into a leaf's .grad; for an intermediate, the gradient with respect to
+    it (autograd.grad), as the head's backward would receive it."""
     def step():
         loss = fn(x, t)
-        loss.backward()
-        x.grad = None
+        if x.is_leaf:
+            loss.backward()
+            x.grad = None
+        else:
+            torch.autograd.grad(loss, x)
     return step
 
 
 def _check(fn, x, t, loss_ref, grad_ref):
     """Max error of loss and gradient against eager torch, relative to their magnitudes."""
-    xc = x.detach().clone().requires_grad_()
+    xc = _as_intermediate(x)
     loss = fn(xc, t)
-    loss.backward()
-    grad = xc.grad
+    (grad,) = torch.autograd.grad(loss, xc)
     err_loss = (loss.double() - loss_ref.double()).abs().item() / max(1e-30, loss_ref.double().abs().item())
     scale = grad_ref.double().abs().max().item() or 1.0
     err_grad = (grad.double() - grad_ref.double()).abs().max().item() / scale
@@ -255,9 +267,9 @@ def bench_cross_entropy(name, shape, dtype_name, device, timer, bw, args) -> Lis
             rec.agrees = rec.max_err <= tol
         records[impl] = rec
     del loss_ref, grad_ref
-    # the in-place gradient overwrites its logits: that implementation gets its own copy
-    inputs = {impl: (x.detach().clone().requires_grad_() if "inplace" in impl else x)
-              for impl in impls}
+    # the in-place gradient overwrites its logits: that implementation gets its own copy, an
+    # intermediate (the gradient of a leaf is never written into the leaf)
+    inputs = {impl: (_as_intermediate(x) if "inplace" in impl else x) for impl in impls}
     for impl, fn in impls.items():
         log(f"  {impl}: warm-up")
         for _ in range(args.warmup):
@@ -326,6 +338,8 @@ def _memory_case(spec: dict) -> dict:
         if fn is None:
             continue
         x = torch.randn(shape, generator=gen).to(dtype).to(device).requires_grad_()
+        if "inplace" in impl:
+            x = _as_intermediate(x)
         t = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen).to(device)
         out["logits_bytes"] = x.numel() * x.element_size()
         _fwdbwd_step(fn, x, t)()  # warm: compiled graphs
