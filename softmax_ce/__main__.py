@@ -1,27 +1,68 @@
-"""Command line: ``python -m softmax_ce bench [...]`` (the benchmark and self-check) and
-``python -m softmax_ce info`` (what is built and which implementation serves each device)."""
+"""The command line: python -m softmax_ce {bench,info} [options]."""
 
+from __future__ import annotations
+
+import argparse
 import json
 import sys
 
+DESCRIPTION = """\
+softmax_ce: fused softmax + cross-entropy for PyTorch.
+
+commands:
+  bench   the benchmark and self-check: times softmax_ce against torch (eager and
+          torch.compile) on a few representative cases, checks that every
+          implementation agrees with torch, and compares each time with the
+          memory-traffic floor (--full: the whole table of BENCHMARKS.md)
+  info    what was built and which implementation serves each device
+
+Run 'python -m softmax_ce COMMAND --help' for a command's options."""
+
+
+def _info(args) -> int:
+    import softmax_ce
+
+    info = softmax_ce.build_info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"softmax_ce {info['version']}")
+    if info["extension"]:
+        print(f"  extension: built (CPU kernels: {info['cpu_isa']} variant; CUDA kernels: "
+              f"{'built' if info['cuda_compiled'] else 'not built'})")
+    else:
+        print(f"  extension: not loaded ({info['extension_error']}); the reference serves")
+    print(f"  cpu:  {info['cpu']}")
+    print(f"  cuda: {info['cuda']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_arguments as add_bench_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m softmax_ce", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = commands.add_parser(
+        "bench", help="the benchmark and self-check",
+        description="The benchmark and self-check (details: softmax_ce/bench.py, BENCHMARKS.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench)
+    info = commands.add_parser("info", help="what was built and which implementation serves",
+                               description="What was built and which implementation serves "
+                                           "each device.")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
+    return parser
+
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "bench":
-        from .bench import main as bench_main
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from .bench import run
 
-        return bench_main(rest)
-    if command == "info":
-        import softmax_ce
-
-        print(json.dumps(softmax_ce.build_info(), indent=1))
-        return 0
-    print(f"unknown command {command!r}; use 'bench' or 'info'", file=sys.stderr)
-    return 2
+        return run(args)
+    return _info(args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -34,8 +36,15 @@ import torch.nn.functional as F
 import softmax_ce
 from softmax_ce import ops
 
-# name, shape, dtype: shapes a user recognises (LLM vocabularies, classification, segmentation)
+# name, shape, dtype: shapes a user recognises (LLM vocabularies, classification, segmentation).
+# The default run: one LLM row, one classifier row, one spatial row (a few minutes on 2 cores).
 DEFAULT_CASES = [
+    ("llm-32k", (4096, 32000), "float32"),
+    ("imagenet-1k", (32768, 1000), "float32"),
+    ("segment-21", (16, 21, 128, 128), "float32"),
+]
+# --full: the whole table of BENCHMARKS.md.
+FULL_CASES = [
     ("llm-32k", (4096, 32000), "float32"),
     ("llm-32k", (4096, 32000), "bfloat16"),
     ("llama3-vocab", (4096, 128256), "bfloat16"),
@@ -58,12 +67,23 @@ GPU_CASES = [
 ]
 SOFTMAX_SHAPES = {"(4096, 32000)", "(32768, 1000)", "(16, 21, 128, 128)", "(512, 32000)",
                   "(4, 21, 64, 64)", "(8192, 32000)"}
+# torch.compile's on-disk cache does not tell the CPU kernel variants apart: code cached under
+# one ATEN_CPU_CAPABILITY and reused under another gave wrong results (torch 2.13, BENCHMARKS.md).
+# A variant chosen by hand gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_softmax_ce_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 @dataclass
@@ -466,74 +486,180 @@ def machine_info(device: str, bw: float) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m softmax_ce bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", help="comma-separated shapes, e.g. 4096x32000,16x21x128x128")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="dtype for --shapes (default float32), or a filter on the default cases")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cases = ", ".join(f"{n} {'x'.join(map(str, s))} {d}" for n, s, d in DEFAULT_CASES)
+    p.description = (p.description or "") + "\n\n" + textwrap.fill(
+        f"Default cases: {cases}. --full runs the whole table of BENCHMARKS.md (tens of "
+        "minutes on 2 cores), --quick small shapes (a smoke test). Progress goes to stderr, the "
+        "table to stdout; the exit status is 1 if any implementation disagrees with torch.", 78)
+    p.add_argument("--full", action="store_true", help="every case of BENCHMARKS.md")
     p.add_argument("--quick", action="store_true", help="small shapes, fewer repeats")
-    p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 7; quick 3)")
+    p.add_argument("--cases", help="only the cases whose name contains one of these "
+                                   "(comma-separated), e.g. llm,segment")
+    p.add_argument("--shapes", help="comma-separated shapes instead of the cases, e.g. "
+                                    "4096x32000,16x21x128x128")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype for --shapes (default float32), or a filter on the cases")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", metavar="FILE", help="write the records as JSON to FILE ('-': "
+                                                   "stdout, instead of the table)")
+    p.add_argument("--plot", metavar="FILE", help="plot speed-ups and the share of the traffic "
+                                                   "floor to FILE (PNG; needs matplotlib: "
+                                                   "pip install .[plot])")
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 5; quick 3; "
+                                                            "full 7)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-softmax", action="store_true", help="skip softmax / log_softmax")
-    p.add_argument("--impls", nargs="*", help="only these implementations (eager always runs)")
-    p.add_argument("--output", help="also write the JSON records to this file")
-    args = p.parse_args(argv)
+    p.add_argument("--impls", nargs="*", help="only these implementations (eager always runs; "
+                                              "the reference runs by default with --full only)")
+
+
+def _select_cases(args, device):
+    if args.shapes:
+        return [("custom", s, args.dtype or "float32") for _, s in parse_shapes(args.shapes)]
+    if args.quick:
+        base = QUICK_CASES
+    elif device.startswith("cuda"):
+        base = GPU_CASES
+    else:
+        base = FULL_CASES if args.full else DEFAULT_CASES
+    cases = [c for c in base if args.dtype is None or c[2] == args.dtype]
+    if args.cases:
+        wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+        cases = [c for c in cases if any(w in c[0] for w in wanted)]
+        if not cases:
+            names = sorted({c[0] for c in base})
+            raise SystemExit(f"--cases {args.cases!r} matches none of: {', '.join(names)}")
+    return cases
+
+
+def run(args) -> int:
     if args.repeat is None:
-        args.repeat = 3 if args.quick else 7
+        args.repeat = 3 if args.quick else (7 if args.full else 5)
+    if args.impls is None and not (args.full or args.quick or args.shapes):
+        # the reference is the tests' oracle, not a contender: timed with --full
+        args.impls = [name for name in make_impls(args.device, not args.no_compile)
+                      if "reference" not in name]
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib (or .[plot])")
 
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    if args.shapes:
-        cases = [(n, s, args.dtype or "float32") for n, s in parse_shapes(args.shapes)]
-    else:
-        base = QUICK_CASES if args.quick else (GPU_CASES if device.startswith("cuda") else DEFAULT_CASES)
-        cases = [c for c in base if args.dtype is None or c[2] == args.dtype]
+    cases = _select_cases(args, device)
     timer = Timer(device)
-    largest = max(torch.Size(s).numel() * DTYPES[d].itemsize for _, s, d in cases)
-    log(f"softmax_ce bench on {device}: measuring copy bandwidth")
-    bw = copy_bandwidth(largest, device, timer)
+    sizes = [torch.Size(s).numel() * DTYPES[d].itemsize for _, s, d in cases]
+    log(f"softmax_ce bench on {device}: {len(cases)} case(s); measuring copy bandwidth")
+    bw = copy_bandwidth(max(sizes), device, timer)
     info = machine_info(device, bw)
-    log(f"copy bandwidth {bw / 1e9:.1f} GB/s; implementations: "
-        f"{', '.join(make_impls(device, False))}{'' if args.no_compile else ', torch.compile'}")
+    names = [n for n in make_impls(device, not args.no_compile)
+             if args.impls is None or n in args.impls or n == "torch eager"]
+    log(f"copy bandwidth {bw / 1e9:.1f} GB/s; kernels: {info['build'].get('cpu_isa', 'none')}; "
+        f"implementations: {', '.join(names)}")
+
+    # the memory measurement (a child process per case) is about as long as the timing
+    steps = len(cases) * (1 if args.no_memory else 2)
+    weights = sizes + ([] if args.no_memory else sizes)
+    start = time.perf_counter()
+
+    def progress(step: int, what: str) -> None:
+        done = sum(weights[:step])
+        left = ""
+        if step and done:
+            elapsed = time.perf_counter() - start
+            left = f", about {_minutes(elapsed * (sum(weights) - done) / done)} left"
+        log(f"[{step + 1}/{steps}{left}] {what}")
 
     records: List[Record] = []
     memory_work = []
     for i, (name, shape, dtype_name) in enumerate(cases):
-        log(f"[{i + 1}/{len(cases)}] {name} {tuple(shape)} {dtype_name}: cross_entropy")
+        progress(i, f"{name} {tuple(shape)} {dtype_name}: timing")
+        torch._dynamo.reset()  # one compiled baseline per case: no recompile-limit warnings
         recs = bench_cross_entropy(name, shape, dtype_name, device, timer, bw, args)
         records += recs
         memory_work.append(recs)
         if not args.no_softmax and str(tuple(shape)) in SOFTMAX_SHAPES and dtype_name == "float32":
-            log(f"[{i + 1}/{len(cases)}] {name} {tuple(shape)} {dtype_name}: softmax, log_softmax")
+            log("  softmax, log_softmax")
             records += bench_softmax(name, shape, dtype_name, device, timer, args)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     if not args.no_memory:
         for i, recs in enumerate(memory_work):
-            log(f"[{i + 1}/{len(memory_work)}] peak memory of {recs[0].case} {recs[0].shape} "
-                f"{recs[0].dtype}")
+            progress(len(cases) + i, f"{recs[0].case} {tuple(recs[0].shape)} {recs[0].dtype}: "
+                                     "peak memory")
             measure_memory(recs, device, not args.no_compile)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    log(f"done in {_minutes(time.perf_counter() - start)}")
     payload = {"machine": info, "records": [asdict(r) for r in records]}
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.json and args.json != "-":
+        with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
-    if args.json:
+    if args.json == "-":
         print(json.dumps(payload, indent=1))
     else:
         print(format_table(records, info))
+    if args.plot:
+        plot(records, info, args.plot)
+        log(f"plot written to {args.plot}")
     bad = [r for r in records if r.agrees is False]
     for r in bad:
         log(f"DISAGREEMENT: {r.case} {r.shape} {r.dtype} {r.op} {r.impl}: max err {r.max_err:.2e}")
+    checked = sum(r.agrees is True for r in records)
+    stream = sys.stderr if args.json == "-" else sys.stdout  # stdout holds only the JSON then
+    if bad:
+        print(f"\n{len(bad)} of {checked + len(bad)} checked results DISAGREE with torch "
+              "(see above)", file=stream)
+    else:
+        print(f"\nall {checked} checked results agree with torch (loss and gradient)",
+              file=stream)
     return 1 if bad else 0
+
+
+def plot(records: List[Record], info: dict, path: str) -> None:
+    """Per cross-entropy case: softmax_ce's speed-up over torch eager and torch.compile
+    (forward+backward), and its share of the memory-traffic floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.op == "cross_entropy" and r.impl == "softmax_ce"]
+    labels = [f"{r.case}\n{'x'.join(map(str, r.shape))}\n{r.dtype}" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(9, 3.2 * len(rows)), 4.6))
+    pos = range(len(rows))
+    ax1.bar([p - 0.2 for p in pos], [r.vs_eager or 0 for r in rows], 0.4, label="vs torch eager")
+    ax1.bar([p + 0.2 for p in pos], [r.vs_compile or 0 for r in rows], 0.4,
+            label="vs torch.compile")
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set_ylabel("speed-up, forward+backward (x)")
+    ax1.set_ylim(0, 1.25 * max([r.vs_eager or 0 for r in rows] + [1.0]))
+    ax1.legend(fontsize=8, loc="upper right")
+    share = [100 / r.fwdbwd_over_floor if r.fwdbwd_over_floor else 0 for r in rows]
+    ax2.bar(list(pos), share, 0.5, color="tab:green")
+    ax2.axhline(100, color="grey", lw=0.8)
+    ax2.set_ylabel("share of the memory-traffic floor (%)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(pos))
+        ax.set_xticklabels(labels, fontsize=8)
+    fig.suptitle(f"softmax_ce on {info['device_name']} ({info['threads']} threads, "
+                 f"{info['build'].get('cpu_isa', '')}), {info['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m softmax_ce bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 
 def test_bench_json_smoke():
     out = subprocess.run(
-        [sys.executable, "-m", "softmax_ce", "bench", "--shapes", "64x300,2x5x6x7", "--json",
+        [sys.executable, "-m", "softmax_ce", "bench", "--shapes", "64x300,2x5x6x7", "--json", "-",
          "--repeat", "1", "--warmup", "1", "--no-compile", "--no-memory"],
         capture_output=True, text=True, timeout=300,
     )
@@ -22,3 +22,42 @@ def test_bench_json_smoke():
         # every implementation is checked against torch eager (the one record not checked)
         assert r["agrees"] is (None if r["impl"] == "torch eager" else True), r
     assert "timing round" in out.stderr  # progress is shown
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "softmax_ce", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_help_at_every_level_and_unknown_arguments_rejected():
+    top = _cli("--help")
+    assert top.returncode == 0 and "usage: python -m softmax_ce" in top.stdout
+    assert "bench" in top.stdout and "info" in top.stdout
+    for command, option in (("bench", "--full"), ("info", "--json")):
+        sub = _cli(command, "--help")
+        assert sub.returncode == 0 and option in sub.stdout, sub.stdout
+    for args in (("info", "--bogus"), ("bench", "--bogus"), ("frobnicate",), ()):
+        bad = _cli(*args)
+        assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
+        assert "usage:" in bad.stderr, bad.stderr
+
+
+def test_info_json_matches_build_info():
+    import softmax_ce
+
+    out = _cli("info", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cpu"] == softmax_ce.build_info()["cpu"]
+
+
+def test_bench_cases_filter_json_file_and_final_line(tmp_path):
+    path = tmp_path / "out.json"
+    out = _cli("bench", "--quick", "--cases", "classify", "--json", str(path), "--repeat", "1",
+               "--warmup", "1", "--no-compile", "--no-memory")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(path.read_text())
+    assert {r["case"] for r in payload["records"]} == {"classify-10"}
+    assert out.stdout.strip().splitlines()[-1].startswith("all ")  # every implementation agreed
+    assert "[1/1" in out.stderr  # progress: case i of n
+    missing = _cli("bench", "--cases", "no-such-case")
+    assert missing.returncode != 0 and "matches none" in missing.stderr
