@@ -215,9 +215,9 @@ _SUM_CHUNK = 4096
 def _sum(values: Tensor) -> Tensor:
     """Sum in a fixed order, bit-identical whatever the number of threads: torch's CPU sum of a
     long vector splits it by thread. Rows of a fixed width are summed (one thread per row, a
-    fixed order inside), then the row sums, until one row is left. Under ``torch.compile`` the
-    same two-level order without a branch on the size (a size-dependent branch is a guard, and
-    every guard that fails recompiles)."""
+    fixed order inside), then the row sums, until one row is left. Under ``torch.compile``,
+    inductor's own sum: the loop's size-dependent branches would be guards, and every new row
+    count above 4096 would recompile."""
     flat = values.reshape(-1)
     if torch.compiler.is_compiling():
         return flat.sum()
