@@ -1,0 +1,302 @@
+// Cross-entropy backward (also the second half of the fused forward+backward, which
+// ce_cpu.cpp runs per cache-sized batch of rows): rows and blocks of inner positions.
+// Part of the CPU kernels: included by kernels_impl.h inside the ISA's namespace (SCE_ISA_NS),
+// once per instruction set, after the headers it needs; it includes nothing itself.
+#pragma once
+
+#ifndef SCE_ISA_NS
+#error "csrc/cpu/kernels/*.h are included by kernels_impl.h only"
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Cross-entropy backward: grad_c = g [(A + 2 z lse) p_c - b_c] cap'(x_c), written once.
+// ------------------------------------------------------------------------------------------
+
+template <typename T, bool kCap, int kDot, bool kW>
+Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<T>::type;
+  using V = Vectorized<acc_t>;
+  using io = IO<T>;
+  constexpr int64_t L = io::L;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  const T* prob = static_cast<const T*>(a.prob);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  const int64_t C = a.C;
+  const Cap<acc_t> cap(a.softcap);
+  const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
+  const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
+  const V v_eps1(1 - eps), v_epsc(eps_c);
+
+  // Validate the whole range before writing anything: an in-place backward must not leave a
+  // partly overwritten input behind when it raises.
+  if constexpr (kDot != 2) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t y = load_target(a, row);
+      if (y != a.ignore_index && (y < 0 || y >= C)) return {true, y};
+    }
+  }
+  for (int64_t row = begin; row < end; ++row) {
+    const T* xr = x + row * C;
+    T* gr = out + row * C;
+    const double lse = a.lse_in[row];
+    int64_t y = 0;
+    bool valid = true;
+    if constexpr (kDot != 2) {
+      y = load_target(a, row);
+      valid = y != a.ignore_index;
+    }
+    if (lse != lse || !valid) {  // NaN row (as torch), or an ignored row: zero gradient
+      const acc_t fill = lse != lse ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+      const V vf(fill);
+      int64_t c = 0;
+      for (; c + 2 * L <= C; c += 2 * L) io::store(gr + c, vf, vf);
+      io::store_n(gr + c, C - c, vf, vf);
+      continue;
+    }
+    const acc_t g = grad_at<acc_t>(a, row, 0);
+    acc_t hi, lo;
+    split_lse(lse, hi, lo);
+    acc_t A;
+    const T* tr = kDot == 2 ? prob + row * C : nullptr;
+    if constexpr (kDot == 2) {  // A = sum_c a_c, one pass over the row's targets
+      V sa(0), sb(0);
+      int64_t c = 0;
+      for (; c < C; c += 2 * L) {
+        const int64_t cnt = std::min(2 * L, C - c);
+        V ta, tb, wa(acc_t(1)), wb(acc_t(1));
+        io::load_n(tr + c, cnt, ta, tb);
+        if constexpr (kW) IO<acc_t>::load_n(w + c, cnt, wa, wb);
+        V ca = wa * at::vec::fmadd(ta, v_eps1, v_epsc);
+        V cb = wb * at::vec::fmadd(tb, v_eps1, v_epsc);
+        if (cnt < 2 * L) {
+          ca = V::set(V(acc_t(0)), ca, std::min(cnt, L));
+          cb = cnt > L ? V::set(V(acc_t(0)), cb, cnt - L) : V(acc_t(0));
+        }
+        sa += ca;
+        sb += cb;
+      }
+      A = hsum(sa + sb);
+    } else {
+      A = ce_index_a(kW ? w[y] : acc_t(1), w_sum, eps, eps_c);
+    }
+    const acc_t k = ce_prob_scale(g, A, z, lse);
+    const acc_t x_y_raw = kDot == 2 ? acc_t(0) : to_acc(xr[y]);  // before an in-place write
+    const V vk(k), vhi(hi), vlo(lo), vg(g), vbs(g * eps_c);
+    auto grad_of = [&](V xv, int64_t c, int64_t cnt, V& result_a, V& result_b, V xb) {
+      V da(acc_t(1)), db(acc_t(1));
+      if constexpr (kCap) {
+        xv = vcap_d(xv, cap.s, cap.inv_s, da);
+        xb = vcap_d(xb, cap.s, cap.inv_s, db);
+      }
+      V ga = vk * vexp((xv - vhi) - vlo);
+      V gb = vk * vexp((xb - vhi) - vlo);
+      if constexpr (kDot == 2) {
+        V ta, tb, wa(acc_t(1)), wb(acc_t(1));
+        io::load_n(tr + c, cnt, ta, tb);
+        if constexpr (kW) IO<acc_t>::load_n(w + c, cnt, wa, wb);
+        ga = ga - vg * wa * at::vec::fmadd(ta, v_eps1, v_epsc);
+        gb = gb - vg * wb * at::vec::fmadd(tb, v_eps1, v_epsc);
+      } else if constexpr (kDot == 1) {
+        if constexpr (kW) {
+          V wa, wb;
+          IO<acc_t>::load_n(w + c, cnt, wa, wb);
+          ga = ga - vbs * wa;
+          gb = gb - vbs * wb;
+        } else {
+          ga = ga - vbs;
+          gb = gb - vbs;
+        }
+      }
+      if constexpr (kCap) {
+        ga = ga * da;
+        gb = gb * db;
+      }
+      result_a = ga;
+      result_b = gb;
+    };
+    int64_t c = 0;
+    for (; c + 2 * L <= C; c += 2 * L) {
+      V xa, xb, ga, gb;
+      io::load(xr + c, xa, xb);
+      grad_of(xa, c, 2 * L, ga, gb, xb);
+      io::store(gr + c, ga, gb);
+    }
+    if (c < C) {
+      V xa, xb, ga, gb;
+      io::load_n(xr + c, C - c, xa, xb);
+      grad_of(xa, c, C - c, ga, gb, xb);
+      io::store_n(gr + c, C - c, ga, gb);
+    }
+    if constexpr (kDot != 2) {
+      // the true class, formed in acc_t and rounded once: g [k' p_y - b_y - (1-eps) w_y] cap'
+      acc_t d_y;
+      const acc_t xs_y = cap.value_and_derivative(x_y_raw, d_y);
+      const acc_t w_y = kW ? w[y] : acc_t(1);
+      const acc_t p_y = std::exp((xs_y - hi) - lo);
+      const acc_t b_y = (kDot == 1 ? g * eps_c * w_y : acc_t(0)) + g * (1 - eps) * w_y;
+      gr[y] = static_cast<T>((k * p_y - b_y) * d_y);
+    }
+  }
+  return {};
+}
+
+template <typename T, bool kCap, int kDot, bool kW>
+Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<T>::type;
+  using V = Vectorized<acc_t>;
+  using io = IO<T>;
+  constexpr int64_t L = io::L, B = 2 * L;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  const T* prob = static_cast<const T*>(a.prob);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  const int64_t C = a.C, inner = a.inner, nblk = (inner + B - 1) / B;
+  const Cap<acc_t> cap(a.softcap);
+  const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
+  const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
+  const V v_eps1(1 - eps), v_epsc(eps_c);
+  if constexpr (kDot != 2) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t y = load_target(a, o * inner + i0 + j);
+        if (y != a.ignore_index && (y < 0 || y >= C)) return {true, y};
+      }
+    }
+  }
+  // The true class enters as a masked term inside the class loop (lanes whose target is c),
+  // so the whole gradient is formed in acc_t and rounded once. Class indices are compared as
+  // acc_t, exact below 2^24 for float; beyond that a scalar fix-up after the loop is used.
+  const bool vec_true = std::is_same_v<acc_t, double> || C <= (int64_t(1) << 24);
+  alignas(64) acc_t K[B], HI[B], LO[B], G[B], BS[B], NANS[B], YF[B], TC[B];
+  double LSE[B];
+  int64_t Y[B];
+  acc_t XY[B];
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
+    const int64_t base = o * C * inner + i0;
+    bool any_nan = false;
+    for (int64_t j = 0; j < B; ++j) {
+      K[j] = HI[j] = LO[j] = G[j] = BS[j] = NANS[j] = TC[j] = 0;
+      YF[j] = -1;
+      Y[j] = -1;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = o * inner + i0 + j;
+      const double lse = a.lse_in[pos];
+      if (lse != lse) {
+        NANS[j] = std::numeric_limits<acc_t>::quiet_NaN();
+        any_nan = true;
+        continue;
+      }
+      split_lse(lse, HI[j], LO[j]);
+      LSE[j] = lse;
+      const acc_t g = grad_at<acc_t>(a, o, i0 + j);
+      if constexpr (kDot == 2) {
+        G[j] = g;  // k needs A = sum_c a_c, computed below
+      } else {
+        const int64_t y = load_target(a, pos);
+        if (y == a.ignore_index) continue;  // k = b = 0: a zero gradient
+        Y[j] = y;
+        YF[j] = static_cast<acc_t>(y);
+        if (!vec_true) XY[j] = to_acc(x[base + y * inner + j]);
+        const acc_t w_y = kW ? w[y] : acc_t(1);
+        K[j] = ce_prob_scale(g, ce_index_a(w_y, w_sum, eps, eps_c), z, lse);
+        BS[j] = g * eps_c;
+        G[j] = g;
+        TC[j] = g * (1 - eps) * w_y;
+      }
+    }
+    auto load = [&](const T* p, V& va, V& vb) {
+      if (n == B) {
+        io::load(p, va, vb);
+      } else {
+        io::load_n(p, n, va, vb);
+      }
+    };
+    if constexpr (kDot == 2) {
+      V sa(0), sb(0);
+      for (int64_t c = 0; c < C; ++c) {
+        V ta, tb;
+        load(prob + base + c * inner, ta, tb);
+        const V wc(kW ? w[c] : acc_t(1));
+        sa += wc * at::vec::fmadd(ta, v_eps1, v_epsc);
+        sb += wc * at::vec::fmadd(tb, v_eps1, v_epsc);
+      }
+      alignas(64) acc_t As[B];
+      sa.store(As);
+      sb.store(As + L);
+      for (int64_t j = 0; j < n; ++j) {
+        if (NANS[j] == NANS[j]) {
+          K[j] = ce_prob_scale(G[j], As[j], z, LSE[j]);
+        }
+      }
+    }
+    const V ka = V::loadu(K), kb = V::loadu(K + L), ha = V::loadu(HI), hb = V::loadu(HI + L);
+    const V la = V::loadu(LO), lb = V::loadu(LO + L), bsa = V::loadu(BS), bsb = V::loadu(BS + L);
+    const V ga_ = V::loadu(G), gb_ = V::loadu(G + L), na = V::loadu(NANS), nb = V::loadu(NANS + L);
+    const V ya = V::loadu(YF), yb = V::loadu(YF + L), tca = V::loadu(TC), tcb = V::loadu(TC + L);
+    const V zero(acc_t(0));
+    for (int64_t c = 0; c < C; ++c) {
+      V xa, xb, da(acc_t(1)), db(acc_t(1));
+      const T* src = x + base + c * inner;
+      T* dst = out + base + c * inner;
+      __builtin_prefetch(src + 4 * B);  // see block_stats
+      __builtin_prefetch(src + 4 * B + L);
+      __builtin_prefetch(dst + 4 * B, 1);
+      __builtin_prefetch(dst + 4 * B + L, 1);
+      load(src, xa, xb);
+      if constexpr (kCap) {
+        xa = vcap_d(xa, cap.s, cap.inv_s, da);
+        xb = vcap_d(xb, cap.s, cap.inv_s, db);
+      }
+      V gra = ka * vexp((xa - ha) - la);
+      V grb = kb * vexp((xb - hb) - lb);
+      if constexpr (kDot == 2) {
+        V ta, tb;
+        load(prob + base + c * inner, ta, tb);
+        const V wc(kW ? w[c] : acc_t(1));
+        gra = gra - ga_ * wc * at::vec::fmadd(ta, v_eps1, v_epsc);
+        grb = grb - gb_ * wc * at::vec::fmadd(tb, v_eps1, v_epsc);
+      } else if constexpr (kDot == 1) {
+        const V wc(kW ? w[c] : acc_t(1));
+        gra = gra - bsa * wc;
+        grb = grb - bsb * wc;
+      }
+      if constexpr (kDot != 2) {
+        if (vec_true) {
+          const V vc(static_cast<acc_t>(c));
+          gra = gra - V::blendv(zero, tca, ya == vc);
+          grb = grb - V::blendv(zero, tcb, yb == vc);
+        }
+      }
+      if constexpr (kCap) {
+        gra = gra * da;
+        grb = grb * db;
+      }
+      if (any_nan) {  // NaN lanes: NaN + anything = NaN, 0 + v = v
+        gra = gra + na;
+        grb = grb + nb;
+      }
+      if (n == B) {
+        io::store(dst, gra, grb);
+      } else {
+        io::store_n(dst, n, gra, grb);
+      }
+    }
+    if constexpr (kDot != 2) {
+      for (int64_t j = 0; j < n && !vec_true; ++j) {
+        if (Y[j] < 0) continue;
+        const int64_t y = Y[j];
+        acc_t d_y;
+        const acc_t xs_y = cap.value_and_derivative(XY[j], d_y);
+        const acc_t w_y = kW ? w[y] : acc_t(1);
+        const acc_t p_y = std::exp((xs_y - HI[j]) - LO[j]);
+        const acc_t b_y = (kDot == 1 ? BS[j] * w_y : acc_t(0)) + G[j] * (1 - eps) * w_y;
+        out[base + y * inner + j] = static_cast<T>((K[j] * p_y - b_y) * d_y);
+      }
+    }
+  }
+  return {};
+}

@@ -1,0 +1,219 @@
+// Cross-entropy forward: rows (inner == 1) and blocks of inner positions (inner > 1).
+// Part of the CPU kernels: included by kernels_impl.h inside the ISA's namespace (SCE_ISA_NS),
+// once per instruction set, after the headers it needs; it includes nothing itself.
+#pragma once
+
+#ifndef SCE_ISA_NS
+#error "csrc/cpu/kernels/*.h are included by kernels_impl.h only"
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Cross-entropy forward
+// ------------------------------------------------------------------------------------------
+
+template <typename T, bool kCap, int kDot, bool kW>
+Status ce_fwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<T>::type;
+  const T* x = static_cast<const T*>(a.x);
+  const T* prob = static_cast<const T*>(a.prob);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  acc_t* loss = static_cast<acc_t*>(a.loss);
+  const int64_t C = a.C;
+  const Cap<acc_t> cap(a.softcap);
+  const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
+  const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
+  for (int64_t row = begin; row < end; ++row) {
+    const T* xr = x + row * C;
+    if constexpr (kDot == 2) {
+      const auto st = row_stats<T, kCap, 2, kW>(xr, prob + row * C, w, C, cap, 1 - eps, eps_c);
+      const acc_t log_s = std::log(st.S);
+      const double lse = lse_from_stats(st.M, log_s);
+      a.lse_out[row] = lse;
+      loss[row] = ce_prob_loss(st.M, log_s, st.A, st.D, z, lse);
+    } else {
+      const int64_t y = load_target(a, row);
+      const bool valid = y != a.ignore_index;
+      if (valid && (y < 0 || y >= C)) return {true, y};
+      const auto st = row_stats<T, kCap, kDot, kW>(xr, nullptr, w, C, cap, 1 - eps, eps_c);
+      const acc_t log_s = std::log(st.S);
+      const double lse = lse_from_stats(st.M, log_s);
+      a.lse_out[row] = lse;
+      if (!valid) {
+        loss[row] = 0;
+        continue;
+      }
+      const acc_t x_y = cap.value(to_acc(xr[y]));
+      const acc_t w_y = kW ? w[y] : acc_t(1);
+      loss[row] = ce_index_loss(st.M, log_s, x_y, w_y, st.D, w_sum, eps, eps_c, z, lse);
+    }
+  }
+  return {};
+}
+
+// inner > 1: a unit is a block of up to 2L consecutive inner positions of one outer index; the
+// lanes of each vector are those positions and the loop runs over classes (stride inner). With
+// a power-of-two stride the lines of one block all fall into the same cache sets, so a second
+// pass over memory would miss: classes are processed in chunks copied (as acc_t, capped) into an
+// L1 buffer, with an online maximum across chunks, exactly like row_stats. Per lane:
+//   M, S = sum exp(x' - M), D = sum a_c (M - x'_c), A = sum a_c, and (kPick) the capped logit of
+// the lane's target class, picked by a masked select (class indices compared as acc_t).
+template <typename acc_t>
+struct BlockStats {
+  Vectorized<acc_t> M[2], S[2], D[2], A[2], XY[2];
+};
+
+template <typename T, bool kCap, int kDot, bool kW, bool kPick>
+inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type* w, int64_t C,
+                        int64_t inner, int64_t n, const Cap<typename AccOf<T>::type>& cap,
+                        typename AccOf<T>::type eps1, typename AccOf<T>::type eps_c,
+                        const Vectorized<typename AccOf<T>::type>* ylane,
+                        BlockStats<typename AccOf<T>::type>& st) {
+  using acc_t = typename AccOf<T>::type;
+  using V = Vectorized<acc_t>;
+  using io = IO<T>;
+  constexpr int64_t L = io::L, B = 2 * L;
+  constexpr int64_t kElems = 4096;
+  constexpr int64_t KC = kElems / B;  // classes per chunk
+  alignas(64) acc_t buf[kElems];
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const V zero(acc_t(0)), v_eps1(eps1), v_epsc(eps_c);
+  for (int h = 0; h < 2; ++h) {
+    st.M[h] = V(ninf);
+    st.S[h] = st.D[h] = st.A[h] = st.XY[h] = zero;
+  }
+  V ref[2] = {zero, zero};
+  for (int64_t c0 = 0; c0 < C; c0 += KC) {
+    const int64_t kc = std::min(KC, C - c0);
+    V cm[2] = {V(ninf), V(ninf)};
+    for (int64_t k = 0; k < kc; ++k) {  // pass A: strided loads into the buffer, chunk maximum
+      V v[2];
+      const T* src = xb + (c0 + k) * inner;
+      // the next blocks of this class: one stream per class is more than the hardware
+      // prefetchers follow when the classes are many strided streams
+      __builtin_prefetch(src + 4 * B);
+      __builtin_prefetch(src + 4 * B + L);
+      if (n == B) {
+        io::load(src, v[0], v[1]);
+      } else {
+        io::load_n(src, n, v[0], v[1]);
+      }
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kCap) v[h] = vcap(v[h], cap.s, cap.inv_s);
+        v[h].store(buf + k * B + h * L);
+        cm[h] = at::vec::maximum(cm[h], v[h]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {  // new running maximum and reference (0 while not finite)
+      const V mn = at::vec::maximum(st.M[h], cm[h]);
+      const V rn = V::blendv(zero, mn, (mn - mn) == zero);
+      const V ro = V::blendv(rn, st.M[h], (st.M[h] - st.M[h]) == zero);
+      st.S[h] = st.S[h] * vexp(ro - rn);
+      if constexpr (kDot != 0) st.D[h] = at::vec::fmadd(st.A[h], rn - ro, st.D[h]);
+      st.M[h] = mn;
+      ref[h] = rn;
+    }
+    for (int64_t k = 0; k < kc; ++k) {  // pass B: from the buffer
+      const acc_t c = static_cast<acc_t>(c0 + k);
+      V t[2];
+      if constexpr (kDot == 2) {
+        const T* src = tb + (c0 + k) * inner;
+        if (n == B) {
+          io::load(src, t[0], t[1]);
+        } else {
+          io::load_n(src, n, t[0], t[1]);
+        }
+      }
+      const V wc(kW ? w[c0 + k] : acc_t(1));
+      for (int h = 0; h < 2; ++h) {
+        const V v = V::loadu(buf + k * B + h * L);
+        st.S[h] += vexp(v - ref[h]);
+        if constexpr (kPick) st.XY[h] = V::blendv(st.XY[h], v, ylane[h] == V(c));
+        if constexpr (kDot != 0) {
+          V coef = wc;
+          if constexpr (kDot == 2) coef = coef * at::vec::fmadd(t[h], v_eps1, v_epsc);
+          st.D[h] = at::vec::fmadd(coef, ref[h] - v, st.D[h]);
+          st.A[h] += coef;
+        }
+      }
+    }
+  }
+  // lanes whose maximum is not finite: M = NaN (their lse is NaN)
+  const V nanv(std::numeric_limits<acc_t>::quiet_NaN());
+  for (int h = 0; h < 2; ++h) st.M[h] = V::blendv(nanv, st.M[h], (st.M[h] - st.M[h]) == zero);
+}
+
+template <typename T, bool kCap, int kDot, bool kW>
+Status ce_fwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<T>::type;
+  using V = Vectorized<acc_t>;
+  using io = IO<T>;
+  using accio = IO<acc_t>;
+  constexpr int64_t L = io::L, B = 2 * L;
+  const T* x = static_cast<const T*>(a.x);
+  const T* prob = static_cast<const T*>(a.prob);
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  acc_t* loss = static_cast<acc_t*>(a.loss);
+  const int64_t C = a.C, inner = a.inner, nblk = (inner + B - 1) / B;
+  const Cap<acc_t> cap(a.softcap);
+  const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
+  const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
+  const V zero(acc_t(0));
+  // class indices compared as acc_t are exact below 2^24 for float; beyond, gather the logit
+  const bool vec_pick = std::is_same_v<acc_t, double> || C <= (int64_t(1) << 24);
+  alignas(64) acc_t Ms[B], Ls[B], YF[B], WY[B], XY[B];
+  BlockStats<acc_t> st;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
+    const int64_t base = o * C * inner + i0, pos0 = o * inner + i0;
+    if constexpr (kDot != 2) {  // targets: range check, lane class (-1 if ignored), w_y
+      for (int64_t j = 0; j < B; ++j) {
+        YF[j] = -1;
+        WY[j] = 0;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t y = load_target(a, pos0 + j);
+        if (y == a.ignore_index) continue;
+        if (y < 0 || y >= C) return {true, y};
+        YF[j] = static_cast<acc_t>(y);
+        WY[j] = kW ? w[y] : acc_t(1);
+        if (!vec_pick) XY[j] = cap.value(to_acc(x[base + y * inner + j]));
+      }
+    }
+    const V ylane[2] = {V::loadu(YF), V::loadu(YF + L)};
+    if (kDot != 2 && vec_pick) {
+      block_stats<T, kCap, kDot, kW, true>(x + base, nullptr, w, C, inner, n, cap, 1 - eps,
+                                           eps_c, ylane, st);
+    } else {
+      block_stats<T, kCap, kDot, kW, false>(x + base, kDot == 2 ? prob + base : nullptr, w, C,
+                                            inner, n, cap, 1 - eps, eps_c, ylane, st);
+      if (kDot != 2) {
+        st.XY[0] = V::loadu(XY);
+        st.XY[1] = V::loadu(XY + L);
+      }
+    }
+    // loss per lane, in vectors (formulas in row_math.h)
+    V lo[2];
+    for (int h = 0; h < 2; ++h) {
+      const V ls = st.S[h].log();
+      V l;
+      if constexpr (kDot == 2) {
+        l = st.A[h] * ls + st.D[h];
+      } else {
+        l = V(1 - eps) * V::loadu(WY + h * L) * ((st.M[h] - st.XY[h]) + ls);
+        if constexpr (kDot == 1) l = l + V(eps_c) * at::vec::fmadd(V(w_sum), ls, st.D[h]);
+      }
+      if (z > 0) {
+        const V lse = st.M[h] + ls;
+        l = at::vec::fmadd(V(z) * lse, lse, l);
+      }
+      l = l + (st.M[h] - st.M[h]);  // NaN lanes (lse NaN) stay NaN whatever the weights
+      if constexpr (kDot != 2) l = V::blendv(zero, l, ylane[h] >= zero);  // ignored: exactly 0
+      lo[h] = l;
+      st.M[h].store(Ms + h * L);
+      ls.store(Ls + h * L);
+    }
+    accio::store_n(loss + pos0, n, lo[0], lo[1]);
+    for (int64_t j = 0; j < n; ++j) a.lse_out[pos0 + j] = lse_from_stats(Ms[j], Ls[j]);
+  }
+  return {};
+}
