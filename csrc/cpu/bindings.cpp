@@ -26,13 +26,12 @@ void check_logits(const at::Tensor& logits, const char* name) {
 namespace {
 
 // A small cache of large output buffers. The one N x C output of a backward (the gradient) and
-// the outputs of softmax are freshly allocated on every call; first-touch page faults on a fresh
-// buffer cost more than the kernel's own traffic (DESIGN.md, Performance model), and on virtual
-// machines whose freed memory is reported back to the host (virtio free page reporting, seen on
-// the build machine) a fresh buffer can cost ten times more again. So freed output buffers are
-// kept (at most kSlots of them) and handed out again when a new output fits, like a caching
-// allocator. softmax_ce.empty_cache() releases them. New buffers are 2 MB aligned and advised
-// into transparent huge pages (Linux, THP in madvise mode).
+// the outputs of softmax are freshly allocated on every call, and first-touch page faults on a
+// fresh buffer can cost more than the kernel's own traffic (DESIGN.md, Performance model; what
+// one virtual machine showed is in BENCHMARKS.md). So freed output buffers are kept (at most
+// kSlots of them) and handed out again when a new output fits, like a caching allocator.
+// softmax_ce.empty_cache() releases them. New buffers are 2 MB aligned and advised into
+// transparent huge pages (Linux, THP in madvise mode).
 class OutputCache {
  public:
   static constexpr size_t kSlots = 4;
@@ -145,7 +144,9 @@ void run_ce(CeFn fn, const CeArgs& args, int64_t lanes) {
 }
 
 void run_ce_fused(CeFn fwd, CeFn bwd, const CeArgs& args, int64_t lanes) {
-  // units per batch: about 64 KB of logits (a row may exceed it: then one row at a time)
+  // units per batch: 16384 logits (64 KB in float32, 32 KB in half types, 128 KB in float64), so
+  // the batch the forward just read is still in cache for the backward (a row may exceed it:
+  // then one row at a time)
   constexpr int64_t kBatchElements = 16384;
   const int64_t per_unit = std::max<int64_t>(1, args.C * (args.inner == 1 ? 1 : lanes));
   const int64_t batch = std::max<int64_t>(1, kBatchElements / per_unit);
