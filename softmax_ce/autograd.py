@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from . import reference
 from .reference import acc_dtype
 
 __all__ = [
@@ -253,7 +254,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             g1 = _ce_grad(ones, logits, target, weight, lse, *ctx.params)
             d_loss = d_loss + (g1.to(acc) * d_logits.to(acc)).sum(1)
         if prob and d_target is not None:
-            logp = _capped(logits.to(acc), softcap) - lse.unsqueeze(1).to(acc)
+            logp = reference.capped(logits, softcap) - lse.unsqueeze(1).to(acc)
             coef = -(1 - eps) * logp
             if weight is not None:
                 coef = coef * weight.view(1, -1, 1)
@@ -328,7 +329,7 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
 
 def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):
     """dloss/dt_c = -(1 - eps) w_c log_softmax(x')_c, through our differentiable Function."""
-    logp = LogSoftmaxFunction.apply(_capped(logits, softcap))
+    logp = LogSoftmaxFunction.apply(reference.capped(logits, softcap))
     scale = grad_loss.unsqueeze(1) * (1 - eps)
     if weight is not None:
         scale = scale * weight.view(1, -1, 1)
@@ -349,13 +350,6 @@ def _ce_grad(grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_
     if prob:
         return ops.ce_prob_bwd(grad_loss, logits, target, weight, lse, eps, z_loss, softcap)
     return ops.ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, eps, z_loss, softcap)
-
-
-def _capped(logits, softcap):
-    """x' = softcap * tanh(x / softcap) in differentiable torch ops (x itself without capping)."""
-    if softcap > 0:
-        return softcap * torch.tanh(logits / softcap)
-    return logits
 
 
 class _SecondOrder:
@@ -380,18 +374,15 @@ class _SecondOrder:
         lse = lse.to(acc)
         w = weight.view(1, C, 1) if weight is not None else None
         self.w, self.eps = w, eps
-        # b: the target-dependent part of the gradient, A = sum_c b_c; zc = 2 z (0 if ignored).
+        # b: the target-dependent part of the gradient, A = sum_c b_c; zc = 2 z (0 if ignored);
+        # the reference's definitions of the per-class terms.
         if prob:
-            t = target.to(acc)
-            if eps > 0:
-                t = t * (1 - eps) + eps / C
-            b = t * w if w is not None else t
+            b = reference.smoothed_target(target, weight, eps, C)
             zc = torch.full_like(lse, 2 * z_loss)
         else:
-            valid = (target != ignore_index).unsqueeze(1)
-            safe = torch.where(valid, target.unsqueeze(1), torch.zeros_like(target.unsqueeze(1)))
-            onehot = torch.zeros_like(x).scatter_(1, safe.long(), 1.0)
-            w_y = w.expand_as(x).gather(1, safe.long()) if w is not None else torch.ones_like(lse)
+            valid, safe, w_y = reference.class_terms(target, weight, ignore_index, acc)
+            valid, safe, w_y = valid.unsqueeze(1), safe.unsqueeze(1), w_y.unsqueeze(1)
+            onehot = torch.zeros_like(x).scatter_(1, safe, 1.0)
             b = (1 - eps) * w_y * onehot
             if eps > 0:
                 b = b + (eps / C) * (w if w is not None else 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -25,7 +25,9 @@ from .autograd import (
     without_jvp,
 )
 from . import ops
+from .fixed_sum import fixed_order_sum
 from .reference import acc_dtype
+from .switches import gradient_in_forward, gradient_in_forward_enabled
 
 __all__ = [
     "cross_entropy",
@@ -96,43 +98,6 @@ def _check_z_loss_softcap(z_loss, softcap, fn) -> float:
     return float(softcap)
 
 
-class gradient_in_forward:
-    """Whether ``cross_entropy`` with a ``mean`` or ``sum`` reduction forms the logits' gradient
-    in its forward pass when they require grad (default: yes). A process-wide setting (worker
-    threads of ``nn.DataParallel`` and of a user's thread pool see the caller's choice), usable as
-    a call (``softmax_ce.gradient_in_forward(False)`` sets it from then on) or as a context
-    manager (restores the previous setting on exit).
-
-    With it the forward reads the logits once and writes their gradient once, and
-    ``loss.backward()`` only hands that gradient over: the least memory traffic a forward plus
-    backward can have. The gradient is held from the forward to the backward (the same peak
-    memory as computing it in the backward) and is wasted work if no backward follows. An
-    upstream gradient other than 1 costs one more pass (the gradient is redone for it): a loop
-    that always scales its loss before ``backward()`` (gradient accumulation by ``loss / k``,
-    ``GradScaler``, a sum divided by the number of tokens) moves more memory with it than
-    without it, and should turn it off. Without it the forward reads the logits and the backward
-    reads them again and writes the gradient. Not used under ``torch.compile`` or a
-    ``torch.func`` transform, with ``inplace_backward=True`` or with ``reduction='none'``.
-    """
-
-    _enabled = True  # the process-wide setting
-
-    def __init__(self, enabled: bool = True):
-        self.previous = gradient_in_forward._enabled
-        gradient_in_forward._enabled = bool(enabled)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        gradient_in_forward._enabled = self.previous
-        return False
-
-
-def _gradient_in_forward_enabled() -> bool:
-    return gradient_in_forward._enabled
-
-
 def _tracks_grad(*tensors) -> bool:
     """Whether autograd may record this call: grad mode on and some input requires grad, or a
     torch.func transform or forward-mode AD is running. Calls it does not record skip the
@@ -163,7 +128,7 @@ def _fuse_gradient(x3: Tensor, reduction: str, inplace: bool) -> bool:
         and x3.requires_grad
         and x3.numel() > 0
         and not torch.compiler.is_compiling()
-        and _gradient_in_forward_enabled()
+        and gradient_in_forward_enabled()
         and not ops.functorch_active()
         and torch.autograd.forward_ad._current_level < 0
     )
@@ -176,24 +141,37 @@ _LOG_SOFTMAX_FOR_COMPILE = without_jvp(LogSoftmaxFunction)
 _BCE_FOR_COMPILE = without_jvp(SigmoidCrossEntropyFunction)
 
 
-def _ce_per_position(x3, t, w, inplace, *args):
-    """Per-position loss [outer, inner]; args: ignore_index, label_smoothing, z_loss, softcap."""
+class CeOptions(NamedTuple):
+    """The options every cross-entropy op and Function takes, in their positional order."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float  # 0.0: no soft-capping
+
+    def for_probabilities(self):
+        """The options of the probability-target ops (no ignore_index)."""
+        return self.label_smoothing, self.z_loss, self.softcap
+
+
+def _ce_per_position(x3, t, w, opts: CeOptions, inplace: bool):
+    """Per-position loss [outer, inner]."""
     if _tracks_grad(x3, t):
         function = _CE_FOR_COMPILE if torch.compiler.is_compiling() else SoftmaxCrossEntropyFunction
-        loss, _ = function.apply(x3, t, w, *args, inplace)
+        loss, _ = function.apply(x3, t, w, *opts, inplace)
         return loss
     if t.is_floating_point():
-        return ops.ce_prob_fwd(x3, t, w, *args[1:])[0]
-    return ops.ce_fwd(x3, t, w, *args)[0]
+        return ops.ce_prob_fwd(x3, t, w, *opts.for_probabilities())[0]
+    return ops.ce_fwd(x3, t, w, *opts)[0]
 
 
-def _reduced_ce(x3, t, w, denom, reduction, inplace, *args):
+def _reduced_ce(x3, t, w, denom, reduction: str, opts: CeOptions, inplace: bool):
     """The mean / sum loss: through ReducedCrossEntropyFunction (gradient formed in the forward)
     where it applies, else the per-position Function and a reduction. ``denom``: the mean's
-    denominator (tensor or number). args: ignore_index, label_smoothing, z_loss, softcap."""
+    denominator (tensor or number)."""
 
     def reduce(loss):
-        total = _sum(loss)
+        total = fixed_order_sum(loss)
         return total / denom if reduction == "mean" else total
 
     if _fuse_gradient(x3, reduction, inplace):
@@ -205,28 +183,8 @@ def _reduced_ce(x3, t, w, denom, reduction, inplace, *args):
         else:
             scale = torch.ones((), dtype=acc, device=x3.device)
         scale = scale.expand(x3.shape[0], x3.shape[2])
-        return ReducedCrossEntropyFunction.apply(x3, t, w, scale, reduce, *args)
-    return reduce(_ce_per_position(x3, t, w, inplace, *args))
-
-
-_SUM_CHUNK = 4096
-
-
-def _sum(values: Tensor) -> Tensor:
-    """Sum in a fixed order, bit-identical whatever the number of threads: torch's CPU sum of a
-    long vector splits it by thread. Rows of a fixed width are summed (one thread per row, a
-    fixed order inside), then the row sums, until one row is left. Under ``torch.compile``,
-    inductor's own sum: the loop's size-dependent branches would be guards, and every new row
-    count above 4096 would recompile."""
-    flat = values.reshape(-1)
-    if torch.compiler.is_compiling():
-        return flat.sum()
-    while flat.numel() > _SUM_CHUNK:
-        pad = (-flat.numel()) % _SUM_CHUNK
-        if pad:
-            flat = torch.nn.functional.pad(flat, (0, pad))
-        flat = flat.view(-1, _SUM_CHUNK).sum(dim=1)
-    return flat.sum()
+        return ReducedCrossEntropyFunction.apply(x3, t, w, scale, reduce, *opts)
+    return reduce(_ce_per_position(x3, t, w, opts, inplace))
 
 
 def _index(value, name: str, fn: str) -> int:
@@ -288,16 +246,10 @@ def cross_entropy(
             "got a 0-dim tensor"
         )
     cap = _check_extensions(label_smoothing, z_loss, softcap, fn)
-    ignore_index = _index(ignore_index, "ignore_index", fn)
+    opts = CeOptions(_index(ignore_index, "ignore_index", fn), float(label_smoothing),
+                     float(z_loss), cap)
     inplace = bool(inplace_backward) and _inplace_allowed(input)
-
-    C = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    outer = input.shape[0] if input.dim() >= 2 else 1
-    spatial = tuple(input.shape[2:])
-    inner = _numel(spatial)
-    prob = tuple(input.shape) == tuple(target.shape)
-    autocast = _autocast_to_float32(input)
-
+    C = _classes(input)
     if weight is not None:
         _check_device(weight, "weight", input, fn)
         if weight.dim() != 1 or weight.shape[0] != C:
@@ -306,44 +258,61 @@ def cross_entropy(
                 f"classes but got weight tensor of shape: {list(weight.shape)}"
             )
     _check_device(target, "target", input, fn)
+    if tuple(input.shape) == tuple(target.shape):
+        return _ce_probability_targets(input, target, weight, reduction, opts, inplace, fn)
+    return _ce_class_indices(input, target, weight, reduction, opts, inplace, fn)
 
-    if prob:
-        if not target.is_floating_point():
-            raise RuntimeError(
-                f"{fn}: Expected floating point type for target with class probabilities, "
-                f"got {_dtype_name(target.dtype)} (argument 'target')"
-            )
-        if ignore_index >= 0:
-            raise RuntimeError(
-                f"{fn}: ignore_index is not supported for floating point target "
-                f"(got ignore_index={ignore_index})"
-            )
-        if weight is not None and weight.requires_grad:
-            raise RuntimeError(
-                f"{fn}: argument 'weight' requires grad; softmax_ce does not differentiate "
-                "with respect to class weights"
-            )
-        # torch multiplies log-probabilities, target and weight: the result dtype promotes.
-        dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
-        if autocast:
-            dtypes = [torch.float32 if d in _AUTOCAST_ELIGIBLE else d for d in dtypes]
-        out_dtype = dtypes[0]
-        for d in dtypes[1:]:
-            out_dtype = torch.promote_types(out_dtype, d)
-        x = input if input.dtype == out_dtype else input.to(out_dtype)
-        t = target if target.dtype == out_dtype else target.to(out_dtype)
-        w = weight.to(acc_dtype(x.dtype)) if weight is not None else None
-        x3 = x.reshape(outer, C, inner)
-        t3 = t.reshape(outer, C, inner)
-        args = (-100, float(label_smoothing), float(z_loss), cap)
-        if reduction == "none":
-            loss = _ce_per_position(x3, t3, w, inplace, *args)
-            shape = (outer,) + spatial if input.dim() >= 2 else ()
-            return loss.reshape(shape).to(out_dtype)
-        total = _reduced_ce(x3, t3, w, outer * inner, reduction, inplace, *args)
-        return total.to(out_dtype)
 
-    # class-index targets
+def _classes(input: Tensor) -> int:
+    return input.shape[1] if input.dim() >= 2 else input.shape[0]
+
+
+def _kernel_layout(input: Tensor):
+    """(outer, C, inner) of the kernels' ``[outer, C, inner]`` view, and the spatial dims."""
+    spatial = tuple(input.shape[2:])
+    outer = input.shape[0] if input.dim() >= 2 else 1
+    return outer, _classes(input), _numel(spatial), spatial
+
+
+def _ce_probability_targets(input, target, weight, reduction, opts, inplace, fn):
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"{fn}: Expected floating point type for target with class probabilities, "
+            f"got {_dtype_name(target.dtype)} (argument 'target')"
+        )
+    if opts.ignore_index >= 0:
+        raise RuntimeError(
+            f"{fn}: ignore_index is not supported for floating point target "
+            f"(got ignore_index={opts.ignore_index})"
+        )
+    if weight is not None and weight.requires_grad:
+        raise RuntimeError(
+            f"{fn}: argument 'weight' requires grad; softmax_ce does not differentiate "
+            "with respect to class weights"
+        )
+    # torch multiplies log-probabilities, target and weight: the result dtype promotes.
+    dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
+    if _autocast_to_float32(input):
+        dtypes = [torch.float32 if d in _AUTOCAST_ELIGIBLE else d for d in dtypes]
+    out_dtype = dtypes[0]
+    for d in dtypes[1:]:
+        out_dtype = torch.promote_types(out_dtype, d)
+    x = input if input.dtype == out_dtype else input.to(out_dtype)
+    t = target if target.dtype == out_dtype else target.to(out_dtype)
+    w = weight.to(acc_dtype(x.dtype)) if weight is not None else None
+    outer, C, inner, spatial = _kernel_layout(input)
+    x3 = x.reshape(outer, C, inner)
+    t3 = t.reshape(outer, C, inner)
+    opts = opts._replace(ignore_index=-100)
+    if reduction == "none":
+        loss = _ce_per_position(x3, t3, w, opts, inplace)
+        shape = (outer,) + spatial if input.dim() >= 2 else ()
+        return loss.reshape(shape).to(out_dtype)
+    # torch's mean over probability targets divides by the number of positions
+    return _reduced_ce(x3, t3, w, outer * inner, reduction, opts, inplace).to(out_dtype)
+
+
+def _ce_class_indices(input, target, weight, reduction, opts, inplace, fn):
     if target.dtype not in _INDEX_DTYPES:
         raise RuntimeError(
             f"{fn}: expected argument 'target' to hold class indices (int64, int32 or uint8) "
@@ -353,35 +322,38 @@ def cross_entropy(
         )
     _check_target_shape(input, target, fn)
     _check_no_grad(weight, "weight", fn)
+    autocast = _autocast_to_float32(input)
     out_dtype = torch.float32 if autocast else input.dtype
     if weight is not None:
-        expected = out_dtype if autocast else input.dtype
         wdtype = torch.float32 if autocast and weight.dtype in _AUTOCAST_ELIGIBLE else weight.dtype
-        if wdtype != expected:
+        if wdtype != out_dtype:
             raise RuntimeError(
-                f"{fn}: expected scalar type {_dtype_name(expected)} but found "
+                f"{fn}: expected scalar type {_dtype_name(out_dtype)} but found "
                 f"{_dtype_name(weight.dtype)} (argument 'weight' must have the dtype of 'input')"
             )
     w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
     t = target.to(torch.int32) if target.dtype == torch.uint8 else target
+    outer, C, inner, _ = _kernel_layout(input)
     x3 = input.reshape(outer, C, inner)
     t2 = t.reshape(outer, inner)
-    args = (ignore_index, float(label_smoothing), float(z_loss), cap)
     if reduction == "none":
-        loss = _ce_per_position(x3, t2, w, inplace, *args)
+        loss = _ce_per_position(x3, t2, w, opts, inplace)
         return loss.reshape(target.shape if input.dim() >= 2 else ()).to(out_dtype)
-    denom = None
-    if reduction == "mean":
-        valid = t2 != ignore_index
-        if w is None or C == 0:
-            denom = valid.sum()
-        else:
-            # Clamped: an out-of-range class (an IndexError from the CPU kernel, NaN and a
-            # recorded value on CUDA) must not index `weight` here (a device-side assert on CUDA).
-            safe = torch.where(valid, t2, torch.zeros_like(t2)).long().clamp(0, C - 1)
-            denom = _sum(torch.where(valid, w[safe], torch.zeros((), dtype=w.dtype, device=w.device)))
-    total = _reduced_ce(x3, t2, w, denom, reduction, inplace, *args)
-    return total.to(out_dtype)
+    denom = _mean_denominator(t2, w, opts.ignore_index, C) if reduction == "mean" else None
+    return _reduced_ce(x3, t2, w, denom, reduction, opts, inplace).to(out_dtype)
+
+
+def _mean_denominator(t2, w, ignore_index, C):
+    """torch's mean over class indices divides by the sum of w[y] over the kept positions (their
+    number without weights); a 0-dim tensor, no host synchronisation."""
+    valid = t2 != ignore_index
+    if w is None or C == 0:
+        return valid.sum()
+    # Clamped: an out-of-range class (an IndexError from the CPU kernel, NaN and a recorded value
+    # on CUDA) must not index `weight` here (a device-side assert on CUDA).
+    safe = torch.where(valid, t2, torch.zeros_like(t2)).long().clamp(0, C - 1)
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    return fixed_order_sum(torch.where(valid, w[safe], zero))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -542,7 +514,7 @@ def binary_cross_entropy_with_logits(
     if reduction == "none":
         return loss
     # accumulate in float32 (as torch's sum and mean do for half precision), in a fixed order
-    total = _sum(loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss)
+    total = fixed_order_sum(loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss)
     if reduction == "mean":
         total = total / loss.numel()
     return total.to(loss.dtype)

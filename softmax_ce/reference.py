@@ -36,7 +36,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _capped(logits: Tensor, softcap: float) -> Tensor:
+def capped(logits: Tensor, softcap: float) -> Tensor:
+    """x' = softcap * tanh(x / softcap) in the accumulation dtype (x itself without capping), in
+    differentiable torch ops (autograd.py differentiates it too)."""
     x = logits.to(acc_dtype(logits.dtype))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
@@ -84,7 +86,7 @@ def check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
         )
 
 
-def _class_terms(target, weight, ignore_index, dtype):
+def class_terms(target, weight, ignore_index, dtype):
     """valid mask, safe class index, and w_y (weight of the target class, 1 without weight)."""
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
@@ -102,10 +104,10 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softca
         acc = acc_dtype(logits.dtype)
         shape = (logits.shape[0], logits.shape[2])
         return logits.new_zeros(shape, dtype=acc), logits.new_full(shape, float("nan"), dtype=torch.float64)
-    x = _capped(logits, softcap)
+    x = capped(logits, softcap)
     m, log_s = _row_stats(x)
     nlp = (m - x) + log_s  # -log_softmax, without cancellation
-    valid, safe, w_y = _class_terms(target, weight, ignore_index, x.dtype)
+    valid, safe, w_y = class_terms(target, weight, ignore_index, x.dtype)
     loss = (1 - label_smoothing) * w_y * nlp.gather(1, safe.unsqueeze(1)).squeeze(1)
     if label_smoothing > 0:
         w = weight.view(1, C, 1) if weight is not None else 1.0
@@ -123,9 +125,9 @@ def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing
     check_targets(target, C, ignore_index)
     if C == 0:
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-    x = _capped(logits, softcap)
+    x = capped(logits, softcap)
     p = _probs(x, lse)
-    valid, safe, w_y = _class_terms(target, weight, ignore_index, x.dtype)
+    valid, safe, w_y = class_terms(target, weight, ignore_index, x.dtype)
     g = grad_loss.to(x.dtype)
     zero = torch.zeros_like(g)
     w_sum = weight.sum() if weight is not None else float(C)
@@ -157,7 +159,8 @@ def ce_fwd_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing,
     return loss, lse, grad
 
 
-def _smoothed(target, weight, label_smoothing, C):
+def smoothed_target(target, weight, label_smoothing, C):
+    """b = w * ((1 - eps) t + eps / C), the probability target's coefficient of each class."""
     acc = acc_dtype(target.dtype)
     t = target.to(acc)
     if label_smoothing > 0:
@@ -169,9 +172,9 @@ def _smoothed(target, weight, label_smoothing, C):
 
 def ce_prob_fwd(logits, target, weight, label_smoothing, z_loss, softcap):
     C = logits.shape[1]
-    x = _capped(logits, softcap)
+    x = capped(logits, softcap)
     m, log_s = _row_stats(x)
-    wt = _smoothed(target, weight, label_smoothing, C)
+    wt = smoothed_target(target, weight, label_smoothing, C)
     loss = (wt * ((m - x) + log_s)).sum(dim=1)
     lse = _lse64(m, log_s)
     if z_loss > 0:
@@ -182,9 +185,9 @@ def ce_prob_fwd(logits, target, weight, label_smoothing, z_loss, softcap):
 def ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss, softcap):
     """dloss/dx_c = g * [(S + 2 z lse) p_c - w_c t~_c] * cap'(x_c), S = sum_c w_c t~_c."""
     C = logits.shape[1]
-    x = _capped(logits, softcap)
+    x = capped(logits, softcap)
     p = _probs(x, lse)
-    wt = _smoothed(target, weight, label_smoothing, C)
+    wt = smoothed_target(target, weight, label_smoothing, C)
     g = grad_loss.to(x.dtype).unsqueeze(1)
     a = wt.sum(dim=1) + 2 * z_loss * lse.to(x.dtype)
     grad = g * (a.unsqueeze(1) * p - wt)
