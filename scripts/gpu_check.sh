@@ -124,7 +124,7 @@ tests() {
 
 bench() {
   stamp "benchmark on cuda"
-  $PY -m softmax_ce bench --device cuda --repeat ${REPEAT:-10} --output "$OUT/bench_cuda.json" \
+  $PY -m softmax_ce bench --device cuda --repeat ${REPEAT:-10} --json "$OUT/bench_cuda.json" \
     2> "$OUT/bench_progress.log" | tee "$OUT/bench_cuda.md"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 }

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench = commands.add_parser(
         "bench", help="the benchmark and self-check",
-        description="The benchmark and self-check (details: softmax_ce/bench.py, BENCHMARKS.md).",
+        description="The benchmark and self-check (details: softmax_ce/bench/, BENCHMARKS.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_arguments(bench)
     info = commands.add_parser("info", help="what was built and which implementation serves",
