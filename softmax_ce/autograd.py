@@ -272,7 +272,7 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
     logits, one write of the gradient: the traffic floor of forward + backward); the backward
     hands that gradient over: as it is when the upstream gradient is 1 (the common
     ``loss.backward()``; checked on the device), else recomputed in its buffer for the actual
-    upstream gradient by the backward kernel (``ce_bwd_rescaled_``: one rounding, and the same
+    upstream gradient by the backward kernel (``ce_bwd_redo_``: one rounding, and the same
     bits a recomputing backward gives). A second backward (``retain_graph=True``) or a
     differentiable one (``create_graph=True``) recomputes the gradient from the saved logits and
     lse, as ``SoftmaxCrossEntropyFunction`` does. ``reduce(per_position_loss)`` gives the reduced
@@ -314,10 +314,10 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
                 # (retain_graph) must still be able to unpack the saved tensors (it recomputes).
                 with torch.autograd._unsafe_preserve_version_counter(fused):
                     if prob:
-                        ops.ce_prob_bwd_rescaled_(grad_total, grad_loss, logits, target, weight,
+                        ops.ce_prob_bwd_redo_(grad_total, grad_loss, logits, target, weight,
                                                   lse, eps, z_loss, softcap, fused)
                     else:
-                        ops.ce_bwd_rescaled_(grad_total, grad_loss, logits, target, weight, lse,
+                        ops.ce_bwd_redo_(grad_total, grad_loss, logits, target, weight, lse,
                                              ignore_index, eps, z_loss, softcap, fused)
                 grad_logits = fused
             else:

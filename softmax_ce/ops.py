@@ -11,9 +11,10 @@ The ops are not differentiable by themselves: ``autograd.py`` wraps them in
 
 ``ce_fwd_bwd`` / ``ce_prob_fwd_bwd`` are the forward and the backward in one pass over the logits
 (the gradient for a ``grad_loss`` known at forward time, written while the row is in cache);
-``ce_bwd_rescaled_`` / ``ce_prob_bwd_rescaled_`` overwrite such a gradient with the one for the
-actual upstream gradient, and do nothing when that 0-dim tensor holds 1 (checked on the device
-by the CUDA kernels, without a host synchronisation).
+``ce_bwd_redo_`` / ``ce_prob_bwd_redo_`` redo such a gradient in its buffer for the actual
+upstream gradient (a recomputation, so one rounding, not a rescaling of the rounded values), and
+do nothing when that 0-dim tensor holds 1 (checked on the device by the CUDA kernels, without a
+host synchronisation).
 
 Shapes follow DESIGN.md's kernel contracts: logits ``[outer, C, inner]``; per-position loss and
 grad_loss ``[outer, inner]`` in the accumulation dtype (float64 for float64 logits, else
@@ -62,12 +63,12 @@ SCHEMAS = {
         "ce_prob_fwd_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         f"{_PROB_ARGS}) -> (Tensor, Tensor, Tensor)"
     ),
-    "ce_bwd_rescaled_": (
-        "ce_bwd_rescaled_(Tensor upstream, Tensor grad_loss, Tensor logits, Tensor target, "
+    "ce_bwd_redo_": (
+        "ce_bwd_redo_(Tensor upstream, Tensor grad_loss, Tensor logits, Tensor target, "
         f"Tensor? weight, Tensor lse, {_CE_ARGS}, Tensor(a!) out) -> ()"
     ),
-    "ce_prob_bwd_rescaled_": (
-        "ce_prob_bwd_rescaled_(Tensor upstream, Tensor grad_loss, Tensor logits, Tensor target, "
+    "ce_prob_bwd_redo_": (
+        "ce_prob_bwd_redo_(Tensor upstream, Tensor grad_loss, Tensor logits, Tensor target, "
         f"Tensor? weight, Tensor lse, {_PROB_ARGS}, Tensor(a!) out) -> ()"
     ),
     "softmax_fwd": "softmax_fwd(Tensor x, bool log) -> Tensor",
@@ -161,13 +162,13 @@ def _ce_prob_fwd_bwd_fake(grad_loss, logits, target, weight, *args):
     return loss, lse, _ce_prob_bwd_fake(grad_loss, logits, target, weight, lse, *args)
 
 
-@torch.library.register_fake("softmax_ce::ce_bwd_rescaled_")
-def _ce_bwd_rescaled_fake(upstream, grad_loss, logits, *args):
+@torch.library.register_fake("softmax_ce::ce_bwd_redo_")
+def _ce_bwd_redo_fake(upstream, grad_loss, logits, *args):
     _check_3d(logits)
 
 
-@torch.library.register_fake("softmax_ce::ce_prob_bwd_rescaled_")
-def _ce_prob_bwd_rescaled_fake(upstream, grad_loss, logits, *args):
+@torch.library.register_fake("softmax_ce::ce_prob_bwd_redo_")
+def _ce_prob_bwd_redo_fake(upstream, grad_loss, logits, *args):
     _check_3d(logits)
 
 
@@ -349,8 +350,8 @@ ce_prob_bwd = _make_caller("ce_prob_bwd")
 ce_prob_bwd_ = _make_caller("ce_prob_bwd_")
 ce_fwd_bwd = _make_caller("ce_fwd_bwd")
 ce_prob_fwd_bwd = _make_caller("ce_prob_fwd_bwd")
-ce_bwd_rescaled_ = _make_caller("ce_bwd_rescaled_")
-ce_prob_bwd_rescaled_ = _make_caller("ce_prob_bwd_rescaled_")
+ce_bwd_redo_ = _make_caller("ce_bwd_redo_")
+ce_prob_bwd_redo_ = _make_caller("ce_prob_bwd_redo_")
 softmax_fwd = _make_caller("softmax_fwd")
 softmax_bwd = _make_caller("softmax_bwd")
 sigmoid_ce_fwd = _make_caller("sigmoid_ce_fwd")

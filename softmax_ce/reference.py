@@ -208,7 +208,7 @@ def ce_prob_fwd_bwd(grad_loss, logits, target, weight, label_smoothing, z_loss, 
     return loss, lse, grad
 
 
-def ce_bwd_rescaled_(upstream, grad_loss, logits, target, weight, lse, ignore_index,
+def ce_bwd_redo_(upstream, grad_loss, logits, target, weight, lse, ignore_index,
                      label_smoothing, z_loss, softcap, out):
     """out = ce_bwd(grad_loss, ...) unless the 0-dim upstream gradient is 1 (out then already holds
     the gradient, formed in the forward pass)."""
@@ -217,9 +217,9 @@ def ce_bwd_rescaled_(upstream, grad_loss, logits, target, weight, lse, ignore_in
                          z_loss, softcap))
 
 
-def ce_prob_bwd_rescaled_(upstream, grad_loss, logits, target, weight, lse, label_smoothing,
+def ce_prob_bwd_redo_(upstream, grad_loss, logits, target, weight, lse, label_smoothing,
                           z_loss, softcap, out):
-    """As ce_bwd_rescaled_ for probability targets."""
+    """As ce_bwd_redo_ for probability targets."""
     if upstream.item() != 1:
         out.copy_(ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss,
                               softcap))

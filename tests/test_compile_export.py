@@ -65,7 +65,7 @@ def test_opcheck_cross_entropy_ops(device):
                 _opcheck(ops.ce_fwd_bwd.default, (scale, x, t, w, -100, ls, z, cap))
 
 
-def test_opcheck_rescaled_backward(device):
+def test_opcheck_redone_backward(device):
     """The gradient formed in the forward pass, redone for another upstream gradient (or kept)."""
     ops = torch.ops.softmax_ce
     for x, t, w in _ce_samples(device):
@@ -77,10 +77,10 @@ def test_opcheck_rescaled_backward(device):
             scale = torch.full((), 0.25, device=device).expand(x.shape[0], x.shape[2])
             g = up * scale
             _, lse, grad = ops.ce_fwd_bwd(scale, x.detach(), t, w, -100, 0.1, 1e-3, 5.0)
-            _opcheck(ops.ce_bwd_rescaled_.default,
+            _opcheck(ops.ce_bwd_redo_.default,
                      (up, g, x.detach(), t, w, lse, -100, 0.1, 1e-3, 5.0, grad.clone()))
             _, lse, grad = ops.ce_prob_fwd_bwd(scale, x.detach(), p, w, 0.1, 1e-3, 5.0)
-            _opcheck(ops.ce_prob_bwd_rescaled_.default,
+            _opcheck(ops.ce_prob_bwd_redo_.default,
                      (up, g, x.detach(), p, w, lse, 0.1, 1e-3, 5.0, grad.clone()))
 
 

@@ -75,7 +75,7 @@ def test_same_as_backward_time_gradient(impl, device, dtype, option, kind):
         assert_close(grad_f, g_truth, dtype, what=f"{option} {kind} grad, upstream {upstream}")
         if upstream == 1.0:  # the gradient of the forward, handed over untouched
             assert torch.equal(grad_f, grad_u)
-        else:  # rescaled in place: one more rounding in low precision
+        else:  # redone in its buffer: one more rounding in low precision
             assert_close(grad_f, grad_u, dtype, what=f"{option} {kind} upstream {upstream}")
     assert_unchanged(before, x, t)
 

@@ -5,13 +5,13 @@
 //     -> the gradient, written into `out` (a fresh tensor when `out` is undefined)
 //   forward_backward(grad_loss, logits, target, weight, ignore_index, eps, z, softcap, prob)
 //     -> (loss, lse, gradient): both in one pass over the logits
-//   backward_rescaled(upstream, grad_loss, logits, target, weight, lse, ignore_index, eps, z,
-//                     softcap, prob, out): the backward into `out` unless the 0-dim `upstream`
-//     is 1 (`out` then holds the gradient forward_backward formed for it)
+//   backward_redo(upstream, grad_loss, logits, target, weight, lse, ignore_index, eps, z,
+//                 softcap, prob, out): the backward recomputed into `out` unless the 0-dim
+//     `upstream` is 1 (`out` then holds the gradient forward_backward formed for it)
 //   validate_inplace(logits, target, ignore_index, prob): checks to pass before an in-place
 //     backward may write anything
 // and registers CeEntryPoints<forward, backward, validate_inplace, forward_backward,
-// backward_rescaled>::register_all(m) in its TORCH_LIBRARY_IMPL block.
+// backward_redo>::register_all(m) in its TORCH_LIBRARY_IMPL block.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,7 +24,7 @@
 namespace softmax_ce {
 
 template <auto Forward, auto Backward, auto ValidateInplace, auto ForwardBackward,
-          auto BackwardRescaled>
+          auto BackwardRedo>
 struct CeEntryPoints {
   using Opt = std::optional<at::Tensor>;
   using T = at::Tensor;
@@ -66,17 +66,16 @@ struct CeEntryPoints {
     return ForwardBackward(grad_loss, logits, target, weight, -100, eps, z, softcap, true);
   }
 
-  static void ce_bwd_rescaled_(const T& upstream, const T& grad_loss, const T& logits,
-                               const T& target, const Opt& weight, const T& lse,
-                               int64_t ignore_index, double eps, double z, double softcap,
-                               const T& out) {
-    BackwardRescaled(upstream, grad_loss, logits, target, weight, lse, ignore_index, eps, z,
+  static void ce_bwd_redo_(const T& upstream, const T& grad_loss, const T& logits,
+                           const T& target, const Opt& weight, const T& lse, int64_t ignore_index,
+                           double eps, double z, double softcap, const T& out) {
+    BackwardRedo(upstream, grad_loss, logits, target, weight, lse, ignore_index, eps, z,
                      softcap, false, out);
   }
-  static void ce_prob_bwd_rescaled_(const T& upstream, const T& grad_loss, const T& logits,
-                                    const T& target, const Opt& weight, const T& lse, double eps,
-                                    double z, double softcap, const T& out) {
-    BackwardRescaled(upstream, grad_loss, logits, target, weight, lse, -100, eps, z, softcap,
+  static void ce_prob_bwd_redo_(const T& upstream, const T& grad_loss, const T& logits,
+                                const T& target, const Opt& weight, const T& lse, double eps,
+                                double z, double softcap, const T& out) {
+    BackwardRedo(upstream, grad_loss, logits, target, weight, lse, -100, eps, z, softcap,
                      true, out);
   }
 
@@ -104,8 +103,8 @@ struct CeEntryPoints {
     m.impl("ce_prob_bwd_", &ce_prob_bwd_);
     m.impl("ce_fwd_bwd", &ce_fwd_bwd);
     m.impl("ce_prob_fwd_bwd", &ce_prob_fwd_bwd);
-    m.impl("ce_bwd_rescaled_", &ce_bwd_rescaled_);
-    m.impl("ce_prob_bwd_rescaled_", &ce_prob_bwd_rescaled_);
+    m.impl("ce_bwd_redo_", &ce_bwd_redo_);
+    m.impl("ce_prob_bwd_redo_", &ce_prob_bwd_redo_);
   }
 };
 

@@ -108,9 +108,9 @@ SCE_HD acc_t ce_prob_loss(acc_t m, acc_t log_s, acc_t a_sum, acc_t dot, acc_t z,
   return finite_max(m) ? loss : acc_t(NAN);
 }
 
-// Backward: the common factor g (A + 2 z lse) of p_c.
+// Backward, any target kind: the coefficient g (A + 2 z lse) of p_c.
 template <typename acc_t>
-SCE_HD acc_t ce_prob_scale(acc_t g, acc_t a, acc_t z, double lse) {
+SCE_HD acc_t ce_p_coef(acc_t g, acc_t a, acc_t z, double lse) {
   return g * (a + acc_t(2) * z * static_cast<acc_t>(lse));
 }
 

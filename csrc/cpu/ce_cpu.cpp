@@ -160,11 +160,11 @@ void validate_inplace(const at::Tensor& logits, const at::Tensor& target, int64_
 
 // The backward into `out` (the gradient forward_backward formed for a unit upstream gradient)
 // unless the upstream gradient is 1; reading a CPU scalar costs nothing.
-void backward_rescaled(const at::Tensor& upstream, const at::Tensor& grad_loss,
-                       const at::Tensor& logits, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                       int64_t ignore_index, double eps, double z, double softcap, bool prob,
-                       const at::Tensor& out) {
+void backward_redo(const at::Tensor& upstream, const at::Tensor& grad_loss,
+                   const at::Tensor& logits, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                   int64_t ignore_index, double eps, double z, double softcap, bool prob,
+                   const at::Tensor& out) {
   TORCH_CHECK(upstream.dim() == 0 && upstream.device().is_cpu(),
               "softmax_ce: argument 'upstream' must be a 0-dim CPU tensor");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == logits.sizes() &&
@@ -178,7 +178,7 @@ void backward_rescaled(const at::Tensor& upstream, const at::Tensor& grad_loss,
 
 TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
   CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward,
-                &backward_rescaled>::register_all(m);
+                &backward_redo>::register_all(m);
 }
 
 }  // namespace softmax_ce::cpu

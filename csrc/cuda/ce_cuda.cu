@@ -161,8 +161,8 @@ at::Tensor set_grad_loss(CeParams& p, const at::Tensor& grad_loss, const at::Ten
               logits.device());
   at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
   p.grad = g.data_ptr();
-  p.gso = g.stride(0);
-  p.gsi = g.stride(1);
+  p.grad_stride_outer = g.stride(0);
+  p.grad_stride_inner = g.stride(1);
   return g;
 }
 
@@ -204,11 +204,11 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const
 
 // The gradient forward_backward formed for a unit upstream gradient, redone in place for the
 // actual one; nothing happens (on the device, no host synchronisation) when that is 1.
-void backward_rescaled(const at::Tensor& upstream, const at::Tensor& grad_loss,
-                       const at::Tensor& logits, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-                       int64_t ignore_index, double eps, double z, double softcap, bool prob,
-                       const at::Tensor& out) {
+void backward_redo(const at::Tensor& upstream, const at::Tensor& grad_loss,
+                   const at::Tensor& logits, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                   int64_t ignore_index, double eps, double z, double softcap, bool prob,
+                   const at::Tensor& out) {
   TORCH_CHECK(out.is_contiguous() && out.sizes() == logits.sizes() &&
                   out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
               "softmax_ce: argument 'out' must be a contiguous tensor like 'logits'");
@@ -241,7 +241,7 @@ void validate_inplace(const at::Tensor&, const at::Tensor&, int64_t, bool) {}
 
 TORCH_LIBRARY_IMPL(softmax_ce, CUDA, m) {
   CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward,
-                &backward_rescaled>::register_all(m);
+                &backward_redo>::register_all(m);
 }
 
 }  // namespace softmax_ce::cuda

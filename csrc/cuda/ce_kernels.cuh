@@ -227,13 +227,14 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob,
                                                    acc_t a_prob) {
   BwdCoef<acc_t> cf;
   split_lse(lse, cf.hi, cf.lo);  // a NaN lse makes every p_c (and so the gradient) NaN
-  cf.g = static_cast<const acc_t*>(p.grad)[o * p.gso + i * p.gsi];
+  const int64_t g_at = o * p.grad_stride_outer + i * p.grad_stride_inner;
+  cf.g = static_cast<const acc_t*>(p.grad)[g_at];
   const acc_t z = static_cast<acc_t>(p.z), eps = static_cast<acc_t>(p.eps);
   const acc_t eps_c = p.C > 0 ? static_cast<acc_t>(p.eps / p.C) : acc_t(0);
   cf.y = -1;
   cf.bs = cf.tc = acc_t(0);
   if (prob) {
-    cf.k = ce_prob_scale(cf.g, a_prob, z, lse);
+    cf.k = ce_p_coef(cf.g, a_prob, z, lse);
     return cf;
   }
   const int64_t y = load_target(p, pos);
@@ -249,7 +250,7 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const CeParams& p, bool prob,
   }
   const acc_t* w = static_cast<const acc_t*>(p.weight);
   const acc_t w_y = w ? w[y] : acc_t(1);
-  cf.k = ce_prob_scale(cf.g, ce_index_a(w_y, weight_sum<acc_t>(p), eps, eps_c), z, lse);
+  cf.k = ce_p_coef(cf.g, ce_index_a(w_y, weight_sum<acc_t>(p), eps, eps_c), z, lse);
   cf.bs = cf.g * eps_c;
   cf.tc = cf.g * (acc_t(1) - eps) * w_y;
   cf.y = y;

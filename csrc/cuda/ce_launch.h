@@ -28,7 +28,7 @@ struct CeParams {
   double* lse_out;
   const double* lse_in;
   const void* grad;
-  int64_t gso, gsi;
+  int64_t grad_stride_outer, grad_stride_inner;
   int64_t cache_packs;  // fused forward+backward: packs of a row kept in shared memory
   unsigned long long* bad_target;  // the device's out-of-range record (ce_cuda.cu)
   const void* skip_if_unit;  // backward: an acc_t scalar; the kernel does nothing when it is 1

@@ -12,7 +12,7 @@
 // Cross-entropy backward: grad_c = g [(A + 2 z lse) p_c - b_c] cap'(x_c), written once.
 // ------------------------------------------------------------------------------------------
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
@@ -30,7 +30,7 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
 
   // Validate the whole range before writing anything: an in-place backward must not leave a
   // partly overwritten input behind when it raises.
-  if constexpr (kDot != 2) {
+  if constexpr (kDot != Dot::kProbabilities) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t y = load_target(a, row);
       if (y != a.ignore_index && (y < 0 || y >= C)) return {true, y};
@@ -42,7 +42,7 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
     const double lse = a.lse_in[row];
     int64_t y = 0;
     bool valid = true;
-    if constexpr (kDot != 2) {
+    if constexpr (kDot != Dot::kProbabilities) {
       y = load_target(a, row);
       valid = y != a.ignore_index;
     }
@@ -58,8 +58,8 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
     acc_t hi, lo;
     split_lse(lse, hi, lo);
     acc_t A;
-    const T* tr = kDot == 2 ? prob + row * C : nullptr;
-    if constexpr (kDot == 2) {  // A = sum_c a_c, one pass over the row's targets
+    const T* tr = kDot == Dot::kProbabilities ? prob + row * C : nullptr;
+    if constexpr (kDot == Dot::kProbabilities) {  // A = sum_c a_c, one pass over the row's targets
       V sa(0), sb(0);
       int64_t c = 0;
       for (; c < C; c += 2 * L) {
@@ -80,8 +80,9 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
     } else {
       A = ce_index_a(kW ? w[y] : acc_t(1), w_sum, eps, eps_c);
     }
-    const acc_t k = ce_prob_scale(g, A, z, lse);
-    const acc_t x_y_raw = kDot == 2 ? acc_t(0) : to_acc(xr[y]);  // before an in-place write
+    const acc_t k = ce_p_coef(g, A, z, lse);
+    // read before an in-place write
+    const acc_t x_y_raw = kDot == Dot::kProbabilities ? acc_t(0) : to_acc(xr[y]);
     const V vk(k), vhi(hi), vlo(lo), vg(g), vbs(g * eps_c);
     auto grad_of = [&](V xv, int64_t c, int64_t cnt, V& result_a, V& result_b, V xb) {
       V da(acc_t(1)), db(acc_t(1));
@@ -91,13 +92,13 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
       }
       V ga = vk * vexp((xv - vhi) - vlo);
       V gb = vk * vexp((xb - vhi) - vlo);
-      if constexpr (kDot == 2) {
+      if constexpr (kDot == Dot::kProbabilities) {
         V ta, tb, wa(acc_t(1)), wb(acc_t(1));
         io::load_n(tr + c, cnt, ta, tb);
         if constexpr (kW) IO<acc_t>::load_n(w + c, cnt, wa, wb);
         ga = ga - vg * wa * at::vec::fmadd(ta, v_eps1, v_epsc);
         gb = gb - vg * wb * at::vec::fmadd(tb, v_eps1, v_epsc);
-      } else if constexpr (kDot == 1) {
+      } else if constexpr (kDot == Dot::kSmoothing) {
         if constexpr (kW) {
           V wa, wb;
           IO<acc_t>::load_n(w + c, cnt, wa, wb);
@@ -128,20 +129,21 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
       grad_of(xa, c, C - c, ga, gb, xb);
       io::store_n(gr + c, C - c, ga, gb);
     }
-    if constexpr (kDot != 2) {
+    if constexpr (kDot != Dot::kProbabilities) {
       // the true class, formed in acc_t and rounded once: g [k' p_y - b_y - (1-eps) w_y] cap'
       acc_t d_y;
       const acc_t xs_y = cap.value_and_derivative(x_y_raw, d_y);
       const acc_t w_y = kW ? w[y] : acc_t(1);
       const acc_t p_y = std::exp((xs_y - hi) - lo);
-      const acc_t b_y = (kDot == 1 ? g * eps_c * w_y : acc_t(0)) + g * (1 - eps) * w_y;
+      const acc_t b_y =
+          (kDot == Dot::kSmoothing ? g * eps_c * w_y : acc_t(0)) + g * (1 - eps) * w_y;
       gr[y] = static_cast<T>((k * p_y - b_y) * d_y);
     }
   }
   return {};
 }
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
@@ -156,7 +158,7 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
   const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
   const V v_eps1(1 - eps), v_epsc(eps_c);
-  if constexpr (kDot != 2) {
+  if constexpr (kDot != Dot::kProbabilities) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
       for (int64_t j = 0; j < n; ++j) {
@@ -169,43 +171,49 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   // so the whole gradient is formed in acc_t and rounded once. Class indices are compared as
   // acc_t, exact below 2^24 for float; beyond that a scalar fix-up after the loop is used.
   const bool vec_true = std::is_same_v<acc_t, double> || C <= (int64_t(1) << 24);
-  alignas(64) acc_t K[B], HI[B], LO[B], G[B], BS[B], NANS[B], YF[B], TC[B];
-  double LSE[B];
-  int64_t Y[B];
-  acc_t XY[B];
+  // Per lane (inner position) of the block: p_coef = g (A + 2 z lse), the coefficient of p_c;
+  // lse_hi + lse_lo = lse (split for an exact x - lse); upstream = g; smooth_coef = g eps/C (times
+  // w_c in the loop); true_coef = g (1 - eps) w_y; target_f = y as acc_t (-1: ignored);
+  // nan_poison = NaN where the lse is NaN (added to the lane's gradient), else 0.
+  alignas(64) acc_t p_coef[B], lse_hi[B], lse_lo[B], upstream[B], smooth_coef[B];
+  alignas(64) acc_t nan_poison[B], target_f[B], true_coef[B];
+  double lse_lane[B];
+  int64_t target[B];
+  acc_t x_target[B];
   for (int64_t u = begin; u < end; ++u) {
     const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
     const int64_t base = o * C * inner + i0;
     bool any_nan = false;
     for (int64_t j = 0; j < B; ++j) {
-      K[j] = HI[j] = LO[j] = G[j] = BS[j] = NANS[j] = TC[j] = 0;
-      YF[j] = -1;
-      Y[j] = -1;
+      p_coef[j] = lse_hi[j] = lse_lo[j] = upstream[j] = smooth_coef[j] = 0;
+      nan_poison[j] = true_coef[j] = 0;
+      target_f[j] = -1;
+      target[j] = -1;
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t pos = o * inner + i0 + j;
       const double lse = a.lse_in[pos];
       if (lse != lse) {
-        NANS[j] = std::numeric_limits<acc_t>::quiet_NaN();
+        nan_poison[j] = std::numeric_limits<acc_t>::quiet_NaN();
         any_nan = true;
         continue;
       }
-      split_lse(lse, HI[j], LO[j]);
-      LSE[j] = lse;
+      split_lse(lse, lse_hi[j], lse_lo[j]);
+      lse_lane[j] = lse;
       const acc_t g = grad_at<acc_t>(a, o, i0 + j);
-      if constexpr (kDot == 2) {
-        G[j] = g;  // k needs A = sum_c a_c, computed below
+      if constexpr (kDot == Dot::kProbabilities) {
+        upstream[j] = g;  // k needs A = sum_c a_c, computed below
       } else {
         const int64_t y = load_target(a, pos);
         if (y == a.ignore_index) continue;  // k = b = 0: a zero gradient
-        Y[j] = y;
-        YF[j] = static_cast<acc_t>(y);
-        if (!vec_true) XY[j] = to_acc(x[base + y * inner + j]);
+        target[j] = y;
+        target_f[j] = static_cast<acc_t>(y);
+        if (!vec_true) x_target[j] = to_acc(x[base + y * inner + j]);
         const acc_t w_y = kW ? w[y] : acc_t(1);
-        K[j] = ce_prob_scale(g, ce_index_a(w_y, w_sum, eps, eps_c), z, lse);
-        BS[j] = g * eps_c;
-        G[j] = g;
-        TC[j] = g * (1 - eps) * w_y;
+        p_coef[j] = ce_p_coef(g, ce_index_a(w_y, w_sum, eps, eps_c), z, lse);
+        smooth_coef[j] = g * eps_c;
+        upstream[j] = g;
+        true_coef[j] = g * (1 - eps) * w_y;
       }
     }
     auto load = [&](const T* p, V& va, V& vb) {
@@ -215,7 +223,7 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         io::load_n(p, n, va, vb);
       }
     };
-    if constexpr (kDot == 2) {
+    if constexpr (kDot == Dot::kProbabilities) {
       V sa(0), sb(0);
       for (int64_t c = 0; c < C; ++c) {
         V ta, tb;
@@ -224,19 +232,23 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         sa += wc * at::vec::fmadd(ta, v_eps1, v_epsc);
         sb += wc * at::vec::fmadd(tb, v_eps1, v_epsc);
       }
-      alignas(64) acc_t As[B];
-      sa.store(As);
-      sb.store(As + L);
+      alignas(64) acc_t a_sum[B];
+      sa.store(a_sum);
+      sb.store(a_sum + L);
       for (int64_t j = 0; j < n; ++j) {
-        if (NANS[j] == NANS[j]) {
-          K[j] = ce_prob_scale(G[j], As[j], z, LSE[j]);
+        if (nan_poison[j] == nan_poison[j]) {
+          p_coef[j] = ce_p_coef(upstream[j], a_sum[j], z, lse_lane[j]);
         }
       }
     }
-    const V ka = V::loadu(K), kb = V::loadu(K + L), ha = V::loadu(HI), hb = V::loadu(HI + L);
-    const V la = V::loadu(LO), lb = V::loadu(LO + L), bsa = V::loadu(BS), bsb = V::loadu(BS + L);
-    const V ga_ = V::loadu(G), gb_ = V::loadu(G + L), na = V::loadu(NANS), nb = V::loadu(NANS + L);
-    const V ya = V::loadu(YF), yb = V::loadu(YF + L), tca = V::loadu(TC), tcb = V::loadu(TC + L);
+    const V ka = V::loadu(p_coef), kb = V::loadu(p_coef + L);
+    const V ha = V::loadu(lse_hi), hb = V::loadu(lse_hi + L);
+    const V la = V::loadu(lse_lo), lb = V::loadu(lse_lo + L);
+    const V bsa = V::loadu(smooth_coef), bsb = V::loadu(smooth_coef + L);
+    const V ga_ = V::loadu(upstream), gb_ = V::loadu(upstream + L);
+    const V na = V::loadu(nan_poison), nb = V::loadu(nan_poison + L);
+    const V ya = V::loadu(target_f), yb = V::loadu(target_f + L);
+    const V tca = V::loadu(true_coef), tcb = V::loadu(true_coef + L);
     const V zero(acc_t(0));
     for (int64_t c = 0; c < C; ++c) {
       V xa, xb, da(acc_t(1)), db(acc_t(1));
@@ -253,18 +265,18 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
       }
       V gra = ka * vexp((xa - ha) - la);
       V grb = kb * vexp((xb - hb) - lb);
-      if constexpr (kDot == 2) {
+      if constexpr (kDot == Dot::kProbabilities) {
         V ta, tb;
         load(prob + base + c * inner, ta, tb);
         const V wc(kW ? w[c] : acc_t(1));
         gra = gra - ga_ * wc * at::vec::fmadd(ta, v_eps1, v_epsc);
         grb = grb - gb_ * wc * at::vec::fmadd(tb, v_eps1, v_epsc);
-      } else if constexpr (kDot == 1) {
+      } else if constexpr (kDot == Dot::kSmoothing) {
         const V wc(kW ? w[c] : acc_t(1));
         gra = gra - bsa * wc;
         grb = grb - bsb * wc;
       }
-      if constexpr (kDot != 2) {
+      if constexpr (kDot != Dot::kProbabilities) {
         if (vec_true) {
           const V vc(static_cast<acc_t>(c));
           gra = gra - V::blendv(zero, tca, ya == vc);
@@ -285,16 +297,17 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         io::store_n(dst, n, gra, grb);
       }
     }
-    if constexpr (kDot != 2) {
+    if constexpr (kDot != Dot::kProbabilities) {
       for (int64_t j = 0; j < n && !vec_true; ++j) {
-        if (Y[j] < 0) continue;
-        const int64_t y = Y[j];
+        if (target[j] < 0) continue;
+        const int64_t y = target[j];
         acc_t d_y;
-        const acc_t xs_y = cap.value_and_derivative(XY[j], d_y);
+        const acc_t xs_y = cap.value_and_derivative(x_target[j], d_y);
         const acc_t w_y = kW ? w[y] : acc_t(1);
-        const acc_t p_y = std::exp((xs_y - HI[j]) - LO[j]);
-        const acc_t b_y = (kDot == 1 ? BS[j] * w_y : acc_t(0)) + G[j] * (1 - eps) * w_y;
-        out[base + y * inner + j] = static_cast<T>((K[j] * p_y - b_y) * d_y);
+        const acc_t p_y = std::exp((xs_y - lse_hi[j]) - lse_lo[j]);
+        const acc_t b_y = (kDot == Dot::kSmoothing ? smooth_coef[j] * w_y : acc_t(0)) +
+                          upstream[j] * (1 - eps) * w_y;
+        out[base + y * inner + j] = static_cast<T>((p_coef[j] * p_y - b_y) * d_y);
       }
     }
   }

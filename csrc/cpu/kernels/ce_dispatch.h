@@ -9,9 +9,9 @@
 #endif
 
 // Runtime options -> template instantiation.
-template <typename T, template <typename, bool, int, bool> class Kernel>
+template <typename T, template <typename, bool, Dot, bool> class Kernel>
 struct CeDispatch {
-  template <int kDot>
+  template <Dot kDot>
   static Status with_dot(const CeArgs& a, bool cap, bool w, int64_t begin, int64_t end) {
     if (cap) {
       return w ? Kernel<T, true, kDot, true>::run(a, begin, end)
@@ -22,13 +22,13 @@ struct CeDispatch {
   }
   static Status run(const CeArgs& a, bool prob, int64_t begin, int64_t end) {
     const bool cap = a.softcap > 0, w = a.weight != nullptr;
-    if (prob) return with_dot<2>(a, cap, w, begin, end);
-    if (a.eps > 0) return with_dot<1>(a, cap, w, begin, end);
-    return with_dot<0>(a, cap, w, begin, end);
+    if (prob) return with_dot<Dot::kProbabilities>(a, cap, w, begin, end);
+    if (a.eps > 0) return with_dot<Dot::kSmoothing>(a, cap, w, begin, end);
+    return with_dot<Dot::kNone>(a, cap, w, begin, end);
   }
 };
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 struct FwdKernel {
   static Status run(const CeArgs& a, int64_t begin, int64_t end) {
     return a.inner == 1 ? ce_fwd_rows<T, kCap, kDot, kW>(a, begin, end)
@@ -36,7 +36,7 @@ struct FwdKernel {
   }
 };
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 struct BwdKernel {
   static Status run(const CeArgs& a, int64_t begin, int64_t end) {
     return a.inner == 1 ? ce_bwd_rows<T, kCap, kDot, kW>(a, begin, end)
@@ -44,7 +44,7 @@ struct BwdKernel {
   }
 };
 
-template <template <typename, bool, int, bool> class Kernel>
+template <template <typename, bool, Dot, bool> class Kernel>
 Status ce_dispatch_dtype(const CeArgs& a, bool prob, int64_t begin, int64_t end) {
   switch (a.dtype) {
     case Dtype::f64:

@@ -11,7 +11,7 @@
 // Cross-entropy forward
 // ------------------------------------------------------------------------------------------
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_fwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   const T* x = static_cast<const T*>(a.x);
@@ -24,8 +24,9 @@ Status ce_fwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
   const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
   for (int64_t row = begin; row < end; ++row) {
     const T* xr = x + row * C;
-    if constexpr (kDot == 2) {
-      const auto st = row_stats<T, kCap, 2, kW>(xr, prob + row * C, w, C, cap, 1 - eps, eps_c);
+    if constexpr (kDot == Dot::kProbabilities) {
+      const auto st = row_stats<T, kCap, Dot::kProbabilities, kW>(xr, prob + row * C, w, C, cap,
+                                                                  1 - eps, eps_c);
       const acc_t log_s = std::log(st.S);
       const double lse = lse_from_stats(st.M, log_s);
       a.lse_out[row] = lse;
@@ -62,7 +63,7 @@ struct BlockStats {
   Vectorized<acc_t> M[2], S[2], D[2], A[2], XY[2];
 };
 
-template <typename T, bool kCap, int kDot, bool kW, bool kPick>
+template <typename T, bool kCap, Dot kDot, bool kW, bool kPick>
 inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type* w, int64_t C,
                         int64_t inner, int64_t n, const Cap<typename AccOf<T>::type>& cap,
                         typename AccOf<T>::type eps1, typename AccOf<T>::type eps_c,
@@ -108,14 +109,14 @@ inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type*
       const V rn = V::blendv(zero, mn, (mn - mn) == zero);
       const V ro = V::blendv(rn, st.M[h], (st.M[h] - st.M[h]) == zero);
       st.S[h] = st.S[h] * vexp(ro - rn);
-      if constexpr (kDot != 0) st.D[h] = at::vec::fmadd(st.A[h], rn - ro, st.D[h]);
+      if constexpr (kDot != Dot::kNone) st.D[h] = at::vec::fmadd(st.A[h], rn - ro, st.D[h]);
       st.M[h] = mn;
       ref[h] = rn;
     }
     for (int64_t k = 0; k < kc; ++k) {  // pass B: from the buffer
       const acc_t c = static_cast<acc_t>(c0 + k);
       V t[2];
-      if constexpr (kDot == 2) {
+      if constexpr (kDot == Dot::kProbabilities) {
         const T* src = tb + (c0 + k) * inner;
         if (n == B) {
           io::load(src, t[0], t[1]);
@@ -128,9 +129,11 @@ inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type*
         const V v = V::loadu(buf + k * B + h * L);
         st.S[h] += vexp(v - ref[h]);
         if constexpr (kPick) st.XY[h] = V::blendv(st.XY[h], v, ylane[h] == V(c));
-        if constexpr (kDot != 0) {
+        if constexpr (kDot != Dot::kNone) {
           V coef = wc;
-          if constexpr (kDot == 2) coef = coef * at::vec::fmadd(t[h], v_eps1, v_epsc);
+          if constexpr (kDot == Dot::kProbabilities) {
+            coef = coef * at::vec::fmadd(t[h], v_eps1, v_epsc);
+          }
           st.D[h] = at::vec::fmadd(coef, ref[h] - v, st.D[h]);
           st.A[h] += coef;
         }
@@ -142,7 +145,7 @@ inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type*
   for (int h = 0; h < 2; ++h) st.M[h] = V::blendv(nanv, st.M[h], (st.M[h] - st.M[h]) == zero);
 }
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_fwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
@@ -160,35 +163,37 @@ Status ce_fwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   const V zero(acc_t(0));
   // class indices compared as acc_t are exact below 2^24 for float; beyond, gather the logit
   const bool vec_pick = std::is_same_v<acc_t, double> || C <= (int64_t(1) << 24);
-  alignas(64) acc_t Ms[B], Ls[B], YF[B], WY[B], XY[B];
+  alignas(64) acc_t row_max[B], log_sum[B], target_f[B], w_target[B], x_target[B];
   BlockStats<acc_t> st;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
     const int64_t base = o * C * inner + i0, pos0 = o * inner + i0;
-    if constexpr (kDot != 2) {  // targets: range check, lane class (-1 if ignored), w_y
+    // targets: range check, lane class (-1 if ignored), w_y
+    if constexpr (kDot != Dot::kProbabilities) {
       for (int64_t j = 0; j < B; ++j) {
-        YF[j] = -1;
-        WY[j] = 0;
+        target_f[j] = -1;
+        w_target[j] = 0;
       }
       for (int64_t j = 0; j < n; ++j) {
         const int64_t y = load_target(a, pos0 + j);
         if (y == a.ignore_index) continue;
         if (y < 0 || y >= C) return {true, y};
-        YF[j] = static_cast<acc_t>(y);
-        WY[j] = kW ? w[y] : acc_t(1);
-        if (!vec_pick) XY[j] = cap.value(to_acc(x[base + y * inner + j]));
+        target_f[j] = static_cast<acc_t>(y);
+        w_target[j] = kW ? w[y] : acc_t(1);
+        if (!vec_pick) x_target[j] = cap.value(to_acc(x[base + y * inner + j]));
       }
     }
-    const V ylane[2] = {V::loadu(YF), V::loadu(YF + L)};
-    if (kDot != 2 && vec_pick) {
+    const V ylane[2] = {V::loadu(target_f), V::loadu(target_f + L)};
+    if (kDot != Dot::kProbabilities && vec_pick) {
       block_stats<T, kCap, kDot, kW, true>(x + base, nullptr, w, C, inner, n, cap, 1 - eps,
                                            eps_c, ylane, st);
     } else {
-      block_stats<T, kCap, kDot, kW, false>(x + base, kDot == 2 ? prob + base : nullptr, w, C,
-                                            inner, n, cap, 1 - eps, eps_c, ylane, st);
-      if (kDot != 2) {
-        st.XY[0] = V::loadu(XY);
-        st.XY[1] = V::loadu(XY + L);
+      const T* tb = kDot == Dot::kProbabilities ? prob + base : nullptr;
+      block_stats<T, kCap, kDot, kW, false>(x + base, tb, w, C, inner, n, cap, 1 - eps, eps_c,
+                                            ylane, st);
+      if (kDot != Dot::kProbabilities) {
+        st.XY[0] = V::loadu(x_target);
+        st.XY[1] = V::loadu(x_target + L);
       }
     }
     // loss per lane, in vectors (formulas in row_math.h)
@@ -196,24 +201,28 @@ Status ce_fwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
     for (int h = 0; h < 2; ++h) {
       const V ls = st.S[h].log();
       V l;
-      if constexpr (kDot == 2) {
+      if constexpr (kDot == Dot::kProbabilities) {
         l = st.A[h] * ls + st.D[h];
       } else {
-        l = V(1 - eps) * V::loadu(WY + h * L) * ((st.M[h] - st.XY[h]) + ls);
-        if constexpr (kDot == 1) l = l + V(eps_c) * at::vec::fmadd(V(w_sum), ls, st.D[h]);
+        l = V(1 - eps) * V::loadu(w_target + h * L) * ((st.M[h] - st.XY[h]) + ls);
+        if constexpr (kDot == Dot::kSmoothing) {
+          l = l + V(eps_c) * at::vec::fmadd(V(w_sum), ls, st.D[h]);
+        }
       }
       if (z > 0) {
         const V lse = st.M[h] + ls;
         l = at::vec::fmadd(V(z) * lse, lse, l);
       }
       l = l + (st.M[h] - st.M[h]);  // NaN lanes (lse NaN) stay NaN whatever the weights
-      if constexpr (kDot != 2) l = V::blendv(zero, l, ylane[h] >= zero);  // ignored: exactly 0
+      if constexpr (kDot != Dot::kProbabilities) {
+        l = V::blendv(zero, l, ylane[h] >= zero);  // ignored: exactly 0
+      }
       lo[h] = l;
-      st.M[h].store(Ms + h * L);
-      ls.store(Ls + h * L);
+      st.M[h].store(row_max + h * L);
+      ls.store(log_sum + h * L);
     }
     accio::store_n(loss + pos0, n, lo[0], lo[1]);
-    for (int64_t j = 0; j < n; ++j) a.lse_out[pos0 + j] = lse_from_stats(Ms[j], Ls[j]);
+    for (int64_t j = 0; j < n; ++j) a.lse_out[pos0 + j] = lse_from_stats(row_max[j], log_sum[j]);
   }
   return {};
 }

@@ -11,19 +11,25 @@
 // ------------------------------------------------------------------------------------------
 // Row statistics of one row (inner == 1), one pass over memory.
 //   M = max x', S = sum exp(x' - M), D = sum a_c (M - x'_c), A = sum a_c,
-// with a_c = w_c (kDot == 1) or w_c ((1-eps) t_c + eps/C) (kDot == 2), w_c = 1 without weight.
+// with a_c = w_c (Dot::kSmoothing) or w_c ((1-eps) t_c + eps/C) (Dot::kProbabilities), w_c = 1
+// without weight.
 // Rows are processed in chunks of K elements: the chunk maximum first (the chunk then sits in
 // L1), then the sums relative to the running maximum; earlier sums are rescaled when the
 // maximum grows. D is kept relative to r = M (or 0 while every logit seen is -inf), so masked
 // logits contribute a_c * inf (inf, or NaN where a_c = 0) exactly as torch's -a_c log p_c does.
 // M is NaN when the row maximum is not finite (the row's lse is then NaN).
 // ------------------------------------------------------------------------------------------
+// Which target-weighted sum D = sum_c a_c (M - x'_c) a cross-entropy kernel forms: none (plain
+// class-index targets), a_c = w_c (label smoothing over class indices), or
+// a_c = w_c ((1-eps) t_c + eps/C) (probability targets).
+enum class Dot { kNone, kSmoothing, kProbabilities };
+
 template <typename acc_t>
 struct RowStats {
   acc_t M, S, D, A;
 };
 
-template <typename T, bool kCap, int kDot, bool kW>
+template <typename T, bool kCap, Dot kDot, bool kW>
 inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
                                                    const typename AccOf<T>::type* w, int64_t C,
                                                    const Cap<typename AccOf<T>::type>& cap,
@@ -86,7 +92,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
     const acc_t r_new = Mn == ninf ? acc_t(0) : Mn;
     if (Mn != M) {
       S *= std::exp(M - Mn);  // M = -inf: S is 0 anyway
-      if constexpr (kDot != 0) D += A * (r_new - r_old);
+      if constexpr (kDot != Dot::kNone) D += A * (r_new - r_old);
     }
     M = Mn;
     const bool do_exp = M != ninf;
@@ -100,7 +106,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
         s_a += vexp(a - vm);
         s_b += vexp(b - vm);
       }
-      if constexpr (kDot != 0) {
+      if constexpr (kDot != Dot::kNone) {
         d_a = at::vec::fmadd(ca, vr - a_dot, d_a);
         d_b = at::vec::fmadd(cb, vr - b_dot, d_b);
         as_a += ca;
@@ -108,7 +114,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
       }
     };
     auto coefs = [&](int64_t off, int64_t cnt, V& ca, V& cb) {
-      if constexpr (kDot != 0) {
+      if constexpr (kDot != Dot::kNone) {
         if constexpr (kW) {
           IO<acc_t>::load_n(w + c0 + off, cnt, ca, cb);
         } else {
@@ -116,7 +122,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
           cb = cnt >= 2 * L ? V(acc_t(1))
                             : (cnt > L ? V::set(V(acc_t(0)), V(acc_t(1)), cnt - L) : V(acc_t(0)));
         }
-        if constexpr (kDot == 2) {
+        if constexpr (kDot == Dot::kProbabilities) {
           V ta, tb;
           io::load_n(t + c0 + off, cnt, ta, tb);
           ca = ca * at::vec::fmadd(ta, v_eps1, v_epsc);
@@ -165,7 +171,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
       accumulate(a, b, a_dot, b_dot, ca, cb);
     }
     S += hsum(s_a + s_b);
-    if constexpr (kDot != 0) {
+    if constexpr (kDot != Dot::kNone) {
       D += hsum(d_a + d_b);
       A += hsum(as_a + as_b);
     }

@@ -32,7 +32,7 @@ void softmax_fwd_t(const SoftmaxArgs& a, int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* xr = x + row * C;
       T* yr = out + row * C;
-      const auto st = row_stats<T, false, 0, false>(xr, nullptr, nullptr, C, nocap, 1, 0);
+      const auto st = row_stats<T, false, Dot::kNone, false>(xr, nullptr, nullptr, C, nocap, 1, 0);
       const bool ok = finite_max(st.M);
       const V vm(ok ? st.M : nan), vls(std::log(st.S));
       int64_t c = 0;
@@ -54,8 +54,8 @@ void softmax_fwd_t(const SoftmaxArgs& a, int64_t begin, int64_t end) {
   for (int64_t u = begin; u < end; ++u) {
     const int64_t o = u / nblk, i0 = (u % nblk) * B, n = std::min(B, inner - i0);
     const int64_t base = o * C * inner + i0;
-    block_stats<T, false, 0, false, false>(x + base, nullptr, nullptr, C, inner, n, nocap, 1, 0,
-                                           nullptr, st);
+    block_stats<T, false, Dot::kNone, false, false>(x + base, nullptr, nullptr, C, inner, n,
+                                                    nocap, 1, 0, nullptr, st);
     const V lsa = st.S[0].log(), lsb = st.S[1].log();
     for (int64_t c = 0; c < C; ++c) {
       V va, vb;
