@@ -26,10 +26,6 @@ inline Dtype to_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
-inline at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // [outer, C, inner] logits, on the CPU.
 void check_logits(const at::Tensor& logits, const char* name = "logits");
 

@@ -2,6 +2,7 @@
 // output allocation, and the parallel launch of the ISA kernels.
 #include <torch/library.h>
 
+#include "../common/ce_checks.h"
 #include "../common/ce_entry_points.h"
 #include "bindings.h"
 
@@ -17,32 +18,13 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
                  double z, double softcap, bool prob) {
   check_logits(logits);
+  check_ce_inputs(logits, target, weight, prob);
   Prepared p;
   const int64_t O = logits.size(0), C = logits.size(1), I = logits.size(2);
   p.x = logits.contiguous();
-  if (prob) {
-    TORCH_CHECK(target.sizes() == logits.sizes(), "softmax_ce: argument 'target' (probabilities) ",
-                "must have the logits' shape ", logits.sizes(), ", got ", target.sizes());
-    TORCH_CHECK(target.scalar_type() == logits.scalar_type(), "softmax_ce: argument 'target' ",
-                "(probabilities) must have the logits' dtype ", logits.scalar_type(), ", got ",
-                target.scalar_type());
-  } else {
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == O && target.size(1) == I,
-                "softmax_ce: argument 'target' must be [outer, inner] = [", O, ", ", I,
-                "], got ", target.sizes());
-    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-                "softmax_ce: argument 'target' must be int64 or int32, got ", target.scalar_type());
-  }
-  TORCH_CHECK(target.device().is_cpu(), "softmax_ce: argument 'target' must be on the CPU");
   p.target = target.contiguous();
-  const at::ScalarType acc = acc_type(logits.scalar_type());
   double w_sum = static_cast<double>(C);
   if (weight.has_value() && weight->defined()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, "softmax_ce: argument 'weight' must ",
-                "be [C] = [", C, "], got ", weight->sizes());
-    TORCH_CHECK(weight->scalar_type() == acc, "softmax_ce: argument 'weight' must be ", acc,
-                " (the accumulation dtype), got ", weight->scalar_type());
-    TORCH_CHECK(weight->device().is_cpu(), "softmax_ce: argument 'weight' must be on the CPU");
     p.weight = weight->contiguous();
     w_sum = p.weight.sum().item<double>();  // C values on the CPU: no device sync
   }
@@ -84,12 +66,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
 
 // The per-position upstream gradient [outer, inner] into the kernel arguments; the returned
 // tensor (in the accumulation dtype, strides kept: 0 for a broadcast mean) must outlive the call.
-at::Tensor set_grad_loss(CeArgs& a, const at::Tensor& grad_loss, at::ScalarType acc) {
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == a.outer && grad_loss.size(1) == a.inner,
-              "softmax_ce: argument 'grad_loss' must be [", a.outer, ", ", a.inner, "], got ",
-              grad_loss.sizes());
-  TORCH_CHECK(grad_loss.device().is_cpu(), "softmax_ce: argument 'grad_loss' must be on the CPU");
-  at::Tensor g = grad_loss.to(acc);
+at::Tensor set_grad_loss(CeArgs& a, const at::Tensor& grad_loss, const at::Tensor& logits) {
+  check_grad_loss(grad_loss, logits);
+  at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
   a.grad = g.data_ptr();
   a.grad_stride_outer = g.stride(0);
   a.grad_stride_inner = g.stride(1);
@@ -102,12 +81,9 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                     const at::Tensor& lse, int64_t ignore_index, double eps, double z,
                     double softcap, bool prob, at::Tensor out) {
   Prepared p = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
-  const int64_t O = logits.size(0), I = logits.size(2);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == O && lse.size(1) == I &&
-                  lse.scalar_type() == at::kDouble,
-              "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "]");
+  check_lse(lse, logits);
   CeArgs& a = p.args;
-  const at::Tensor g = set_grad_loss(a, grad_loss, acc_type(logits.scalar_type()));
+  const at::Tensor g = set_grad_loss(a, grad_loss, logits);
   const at::Tensor lse_c = lse.contiguous();
   if (!out.defined()) out = empty_output(p.x.sizes(), p.x.options());
   a.out = out.data_ptr();
@@ -126,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
   Prepared p = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
   const int64_t O = logits.size(0), I = logits.size(2);
   CeArgs& a = p.args;
-  const at::Tensor g = set_grad_loss(a, grad_loss, acc_type(logits.scalar_type()));
+  const at::Tensor g = set_grad_loss(a, grad_loss, logits);
   at::Tensor loss = at::empty({O, I}, logits.options().dtype(acc_type(logits.scalar_type())));
   at::Tensor lse = at::empty({O, I}, logits.options().dtype(at::kDouble));
   at::Tensor out = empty_output(p.x.sizes(), p.x.options());
@@ -167,9 +143,7 @@ void backward_redo(const at::Tensor& upstream, const at::Tensor& grad_loss,
                    const at::Tensor& out) {
   TORCH_CHECK(upstream.dim() == 0 && upstream.device().is_cpu(),
               "softmax_ce: argument 'upstream' must be a 0-dim CPU tensor");
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == logits.sizes() &&
-                  out.scalar_type() == logits.scalar_type() && out.device().is_cpu(),
-              "softmax_ce: argument 'out' must be a contiguous CPU tensor like 'logits'");
+  check_out(out, logits);
   if (upstream.item<double>() == 1.0) return;
   backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, out);
 }

@@ -12,9 +12,9 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/ce_checks.h"
 #include "../common/ce_entry_points.h"
 #include "ce_launch.h"
-#include "device_common.cuh"
 
 namespace softmax_ce::cuda {
 
@@ -56,8 +56,6 @@ unsigned long long* bad_target_address() {
   return addresses[device];
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 struct Prepared {
   at::Tensor x, target, weight, w_sum;
   CeParams p{};
@@ -66,38 +64,15 @@ struct Prepared {
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
                  double z, double softcap, bool prob) {
-  TORCH_CHECK(logits.dim() == 3, "softmax_ce: argument 'logits' must be [outer, C, inner] (3-D), got ",
-              logits.dim(), "-D");
   TORCH_CHECK(logits.is_cuda(), "softmax_ce: argument 'logits' must be a CUDA tensor");
-  const at::ScalarType st = logits.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(st == at::kDouble || st == at::kFloat || st == at::kBFloat16 ||
-                                  st == at::kHalf,
-                              "softmax_ce: argument 'logits' must be float64, float32, bfloat16 ",
-                              "or float16, got ", st);
+  check_ce_inputs(logits, target, weight, prob);
   const int64_t O = logits.size(0), C = logits.size(1), I = logits.size(2);
-  TORCH_CHECK(target.device() == logits.device(), "softmax_ce: argument 'target' must be on ",
-              logits.device(), ", got ", target.device());
-  if (prob) {
-    TORCH_CHECK(target.sizes() == logits.sizes() && target.scalar_type() == st,
-                "softmax_ce: argument 'target' (probabilities) must have the logits' shape and dtype");
-  } else {
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == O && target.size(1) == I,
-                "softmax_ce: argument 'target' must be [outer, inner] = [", O, ", ", I, "], got ",
-                target.sizes());
-    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-                "softmax_ce: argument 'target' must be int64 or int32, got ", target.scalar_type());
-  }
   Prepared r;
   r.x = logits.contiguous();
   r.target = target.contiguous();
-  const at::ScalarType acc = acc_type(st);
   CeParams& p = r.p;
   p.w_sum_host = static_cast<double>(C);
   if (weight.has_value() && weight->defined()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C && weight->scalar_type() == acc &&
-                    weight->device() == logits.device(),
-                "softmax_ce: argument 'weight' must be [C] = [", C, "] of ", acc, " on ",
-                logits.device());
     r.weight = weight->contiguous();
     r.w_sum = r.weight.sum();  // stays on the device: no synchronisation
     p.weight = r.weight.data_ptr();
@@ -155,10 +130,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
 // The per-position upstream gradient [outer, inner] into the kernel parameters; the returned
 // tensor (accumulation dtype, strides kept: 0 for a broadcast mean) must outlive the launch.
 at::Tensor set_grad_loss(CeParams& p, const at::Tensor& grad_loss, const at::Tensor& logits) {
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == p.outer &&
-                  grad_loss.size(1) == p.inner && grad_loss.device() == logits.device(),
-              "softmax_ce: argument 'grad_loss' must be [", p.outer, ", ", p.inner, "] on ",
-              logits.device());
+  check_grad_loss(grad_loss, logits);
   at::Tensor g = grad_loss.to(acc_type(logits.scalar_type()));
   p.grad = g.data_ptr();
   p.grad_stride_outer = g.stride(0);
@@ -174,10 +146,7 @@ at::Tensor backward_impl(const at::Tensor& grad_loss, const at::Tensor& logits,
                          double softcap, bool prob, at::Tensor out, const at::Tensor& upstream) {
   const c10::cuda::CUDAGuard guard(logits.device());
   Prepared r = prepare(logits, target, weight, ignore_index, eps, z, softcap, prob);
-  const int64_t O = logits.size(0), I = logits.size(2);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == O && lse.size(1) == I &&
-                  lse.scalar_type() == at::kDouble && lse.device() == logits.device(),
-              "softmax_ce: argument 'lse' must be float64 [", O, ", ", I, "] on ", logits.device());
+  check_lse(lse, logits);
   const at::Tensor g = set_grad_loss(r.p, grad_loss, logits);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor u;
@@ -209,9 +178,7 @@ void backward_redo(const at::Tensor& upstream, const at::Tensor& grad_loss,
                    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                    int64_t ignore_index, double eps, double z, double softcap, bool prob,
                    const at::Tensor& out) {
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == logits.sizes() &&
-                  out.scalar_type() == logits.scalar_type() && out.device() == logits.device(),
-              "softmax_ce: argument 'out' must be a contiguous tensor like 'logits'");
+  check_out(out, logits);
   (void)backward_impl(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob,
                       out, upstream);
 }

@@ -15,14 +15,13 @@
 // Included once per dtype by ce_cuda_<dtype>.cu, which instantiates launch<T>.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 
 #include "ce_launch.h"
 #include "device_common.cuh"
+#include "launch_config.cuh"
 
 namespace softmax_ce::cuda {
 

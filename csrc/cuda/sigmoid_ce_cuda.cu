@@ -1,6 +1,6 @@
 // CUDA bindings of the sigmoid (binary) cross-entropy ops: elementwise, through ATen's
-// TensorIterator GPU loop (broadcasting of weight / pos_weight, any strides, vectorised access);
-// the per-element formulas are row_math.h's, shared with the CPU kernels.
+// TensorIterator GPU loop (broadcasting of weight / pos_weight, any strides, vectorised access)
+// applying the per-element functors of sigmoid_ce_kernels.cuh.
 #include <ATen/ATen.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -8,26 +8,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "device_common.cuh"
+#include "sigmoid_ce_kernels.cuh"
 
 namespace softmax_ce::cuda {
 namespace {
-
-template <typename T>
-struct SigmoidLoss {
-  __device__ T operator()(T x, T y, T w, T pw) const {
-    using acc_t = typename AccOf<T>::type;
-    return static_cast<T>(sigmoid_ce_loss<acc_t>(x, y, w, pw));
-  }
-};
-
-template <typename T>
-struct SigmoidGrad {
-  __device__ T operator()(T g, T x, T y, T w, T pw) const {
-    using acc_t = typename AccOf<T>::type;
-    return static_cast<T>(sigmoid_ce_grad<acc_t>(g, x, y, w, pw));
-  }
-};
 
 // An absent weight / pos_weight is a broadcast 1.
 at::Tensor or_one(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
