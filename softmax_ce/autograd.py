@@ -431,14 +431,14 @@ class _CrossEntropyBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_loss, logits, target, weight, lse = inputs[:5]
-        ctx.save_for_backward(grad_loss, logits, target, weight, lse)
-        ctx.save_for_forward(grad_loss, logits, target, weight, lse)
+        grad_loss, logits, target, weight = inputs[:4]  # the saved lse is not needed: the
+        ctx.save_for_backward(grad_loss, logits, target, weight)  # second order recomputes it
+        ctx.save_for_forward(grad_loss, logits, target, weight)
         ctx.params = inputs[5:]
 
     @staticmethod
     def backward(ctx, v):
-        grad_loss, logits, target, weight, lse = ctx.saved_tensors
+        grad_loss, logits, target, weight = ctx.saved_tensors
         prob = ctx.params[0]
         so = _SecondOrder(grad_loss, logits, target, weight, *ctx.params)
         va = v.to(so.p.dtype)
@@ -453,7 +453,7 @@ class _CrossEntropyBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, d_grad_loss, d_logits, d_target, *_):
-        grad_loss, logits, target, weight, lse = ctx.saved_tensors
+        grad_loss, logits, target, weight = ctx.saved_tensors
         prob = ctx.params[0]
         so = _SecondOrder(grad_loss, logits, target, weight, *ctx.params)
         out = torch.zeros_like(so.p)

@@ -258,7 +258,7 @@ def _elementwise_rule(name, logits_index, full_shape_args):
         ndim = x.dim() - (dx is not None)  # the logical shape's rank
         out_args = []
         for i, (a, d) in enumerate(zip(args, in_dims)):
-            if a is None or not isinstance(a, torch.Tensor):
+            if not isinstance(a, torch.Tensor):
                 out_args.append(a)
                 continue
             if d is not None:

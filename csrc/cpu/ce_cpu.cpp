@@ -17,7 +17,7 @@ struct Prepared {
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
                  double z, double softcap, bool prob) {
-  check_logits(logits);
+  TORCH_CHECK(logits.device().is_cpu(), "softmax_ce: argument 'logits' must be on the CPU");
   check_ce_inputs(logits, target, weight, prob);
   Prepared p;
   const int64_t O = logits.size(0), C = logits.size(1), I = logits.size(2);
