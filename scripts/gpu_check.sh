@@ -49,7 +49,8 @@ build() {
 
 diag() {
   stamp "CPU kernels in this process environment (each in its own process)"
-  cat > "$OUT/diag.py" <<'PYEOF'
+  scratch=$(mktemp -d)
+  cat > "$scratch/diag.py" <<'PYEOF'
 import sys, torch, softmax_ce
 x = torch.randn(4, 5); t = torch.tensor([0, 1, 2, 3 if sys.argv[1] == "ok" else 9])
 try:
@@ -59,11 +60,12 @@ except IndexError as e:
 PYEOF
   for env in "" "OMP_NUM_THREADS=1" "ATEN_CPU_CAPABILITY=default"; do
     for what in ok bad_target; do
-      env $env $PY -X faulthandler "$OUT/diag.py" $what > "$OUT/diag.log" 2>&1
+      env $env $PY -X faulthandler "$scratch/diag.py" $what > "$scratch/diag.log" 2>&1
       rc=$?
-      echo "  [$env] $what: exit $rc $(tail -1 "$OUT/diag.log")"
+      echo "  [$env] $what: exit $rc $(tail -1 "$scratch/diag.log")"
+      [ $rc -ne 0 ] && sed 's/^/    /' "$scratch/diag.log" | tail -40
       if [ $rc -ne 0 ] && command -v gdb > /dev/null; then
-        env $env gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$OUT/diag.py" $what \
+        env $env gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$scratch/diag.py" $what \
           > "$OUT/diag_gdb_${what}.log" 2>&1
         grep -E "^#[0-9]+" "$OUT/diag_gdb_${what}.log" | head -25
         grep -E "libstdc|libgcc_s|_C\.cpython" "$OUT/diag_gdb_${what}.log" | head -5
@@ -117,8 +119,13 @@ PYEOF
 
 tests() {
   stamp "tests on cuda"
-  SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q --maxfail=10 -k "cuda and not cpu" -p no:cacheprovider \
-    --durations=8 tests 2>&1 | tee "$OUT/tests.log" | tail -30
+  # Parallel workers (pytest-xdist) and a per-test time limit (pytest-timeout) where installed:
+  # the compile tests spend their time in the host compiler, which the workers share out.
+  extra=""
+  $PY -c "import xdist" 2> /dev/null && extra="$extra -n ${TEST_WORKERS:-8}"
+  $PY -c "import pytest_timeout" 2> /dev/null && extra="$extra --timeout ${TEST_TIMEOUT:-300}"
+  SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q --maxfail=25 -k "cuda and not cpu" -p no:cacheprovider \
+    --durations=8 $extra tests 2>&1 | tee "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 }
 
