@@ -7,11 +7,11 @@
 # on an H100. STEPS picks and orders the steps (default: "build diag tune bench tests"):
 #   build  the extension for this GPU's architecture
 #   diag   C++ exceptions from the CPU kernels in this environment (a crash gets a backtrace)
-#   tune   the fused forward+backward at the two target shapes with and without its
-#          shared-memory row cache (SOFTMAX_CE_CUDA_ROW_CACHE_KB), against the gradient
-#          formed in the backward
+#   tune   the fused forward+backward at the two target shapes as built, then under each
+#          setting of TUNE_ENVS (default: no shared-memory row cache, no cluster of blocks),
+#          against the gradient formed in the backward
 #   bench  the benchmark on cuda (all default shapes)
-#   tests  the test suite on cuda
+#   tests  the test suite on cuda (TESTS: the files or folders, default tests)
 #   profile (not by default) Nsight Compute metrics of the forward and fused kernels at the
 #          two target shapes: throughput, occupancy, registers, stall reasons
 set -uo pipefail
@@ -60,12 +60,12 @@ except IndexError as e:
 PYEOF
   for env in "" "OMP_NUM_THREADS=1" "ATEN_CPU_CAPABILITY=default"; do
     for what in ok bad_target; do
-      env $env $PY -X faulthandler "$scratch/diag.py" $what > "$scratch/diag.log" 2>&1
+      env PYTHONPATH="$PWD" $env $PY -X faulthandler "$scratch/diag.py" $what > "$scratch/diag.log" 2>&1
       rc=$?
       echo "  [$env] $what: exit $rc $(tail -1 "$scratch/diag.log")"
       [ $rc -ne 0 ] && sed 's/^/    /' "$scratch/diag.log" | tail -40
       if [ $rc -ne 0 ] && command -v gdb > /dev/null; then
-        env $env gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$scratch/diag.py" $what \
+        env PYTHONPATH="$PWD" $env gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$scratch/diag.py" $what \
           > "$OUT/diag_gdb_${what}.log" 2>&1
         grep -E "^#[0-9]+" "$OUT/diag_gdb_${what}.log" | head -25
         grep -E "libstdc|libgcc_s|_C\.cpython" "$OUT/diag_gdb_${what}.log" | head -5
@@ -84,12 +84,16 @@ for lib in sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l 
 }
 
 tune() {
-  stamp "fused forward+backward: shared-memory row cache on and off"
-  for kb in "" 0; do
+  stamp "fused forward+backward: as built, then under each of TUNE_ENVS"
+  local envs=${TUNE_ENVS:-"SOFTMAX_CE_CUDA_ROW_CACHE_KB=0 SOFTMAX_CE_CUDA_CLUSTER=1"}
+  local settings=()
+  [ "${TUNE_BASE:-1}" = 0 ] || settings+=("")  # TUNE_BASE=0: the settings alone
+  for e in $envs; do settings+=("$e"); done
+  for setting in "${settings[@]}"; do
     for case in "4096x128256 bfloat16" "8192x32000 float32"; do
       set -- $case
-      echo "  SOFTMAX_CE_CUDA_ROW_CACHE_KB=${kb:-default} $1 $2"
-      SOFTMAX_CE_CUDA_ROW_CACHE_KB=$kb $PY -m softmax_ce bench --device cuda --shapes "$1" \
+      echo "  ${setting:-as built} $1 $2"
+      env $setting $PY -m softmax_ce bench --device cuda --shapes "$1" \
         --dtype "$2" --no-compile --no-softmax --no-memory --repeat ${REPEAT:-7} \
         --impls softmax_ce "softmax_ce bwd-grad" "softmax_ce inplace" 2>> "$OUT/tune_progress.log" \
         | grep "^| custom" | cut -d'|' -f6-8,11-14 | tee -a "$OUT/tune.md"
@@ -100,7 +104,9 @@ tune() {
 profile() {
   if ! command -v ncu > /dev/null; then echo "  ncu not found"; return; fi
   stamp "ncu: forward and fused forward+backward kernels at the target shapes"
-  cat > "$OUT/profile.py" <<'PYEOF'
+  local scratch
+  scratch=$(mktemp -d)
+  cat > "$scratch/profile.py" <<'PYEOF'
 import torch, softmax_ce
 for shape, dtype in (((4096, 128256), torch.bfloat16), ((8192, 32000), torch.float32)):
     x = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
@@ -110,9 +116,9 @@ for shape, dtype in (((4096, 128256), torch.bfloat16), ((8192, 32000), torch.flo
     softmax_ce.cross_entropy(x, t).backward()
 torch.cuda.synchronize()
 PYEOF
-  ncu --kernel-name regex:"ce_fwd_rows|ce_fwdbwd_rows" --launch-count 4 --section SpeedOfLight \
+  timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none --kernel-name regex:"ce_fwd_rows|ce_fwdbwd" --launch-count 4 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    --section WarpStateStats $PY "$OUT/profile.py" > "$OUT/ncu.log" 2>&1
+    --section WarpStateStats $PY "$scratch/profile.py" > "$OUT/ncu.log" 2>&1
   grep -E "ce_fwd|Duration|Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Dynamic Shared|L2 Hit|Waves Per SM|Stall" \
     "$OUT/ncu.log" | head -90
 }
@@ -125,7 +131,7 @@ tests() {
   $PY -c "import xdist" 2> /dev/null && extra="$extra -n ${TEST_WORKERS:-8}"
   $PY -c "import pytest_timeout" 2> /dev/null && extra="$extra --timeout ${TEST_TIMEOUT:-300}"
   SOFTMAX_CE_REQUIRE_EXTENSION=1 $PY -m pytest -q --maxfail=25 -k "cuda and not cpu" -p no:cacheprovider \
-    --durations=8 $extra tests 2>&1 | tee "$OUT/tests.log" | tail -30
+    --durations=8 $extra ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 }
 

@@ -85,9 +85,12 @@ def test_out_of_range_target_is_nan_and_recorded():
     ((33, 3), torch.float32),          # one pack per row
     ((65, 10), torch.float32),         # 4 threads per row
     ((31, 1001), torch.float32),       # a warp per row, rows not 16-byte aligned
-    ((17, 32000), torch.float32),      # a 256-thread block per row
-    ((9, 128256), torch.bfloat16),     # a 1024-thread block per row
-    ((7, 50257), torch.float16),       # odd vocabulary
+    ((17, 32000), torch.float32),      # a 256-thread block per row; fused: a cluster of 4
+    ((9, 128256), torch.bfloat16),     # a 1024-thread block per row; fused: a cluster of 8
+    ((7, 50257), torch.float16),       # odd vocabulary (rows not aligned); fused: 4 blocks
+    ((4, 9000), torch.float32),        # fused: a cluster of 2
+    ((3, 300000), torch.float32),      # fused: 8 slices of 150 KB (opt-in shared memory)
+    ((2, 700001), torch.float32),      # fused: 8 slices larger than shared memory, unaligned
     ((5, 7, 33, 9), torch.float32),    # inner > 1
     ((6, 300), torch.float64),
 ])
@@ -188,3 +191,21 @@ def test_regression_weighted_mean_out_of_range_target_no_device_assert():
     assert softmax_ce.cuda_take_target_error() == 9
     t = torch.tensor([0, 1, 3, 2], device="cuda")  # the context is healthy afterwards
     torch.testing.assert_close(softmax_ce.cross_entropy(x, t, w), F.cross_entropy(x, t, w))
+
+
+@pytest.mark.parametrize("C", [5, 40000])  # 40000: the fused kernel's cluster of blocks
+def test_out_of_range_target_in_a_fused_mean(C):
+    """An out-of-range class in the fused forward+backward (mean): a NaN loss, a NaN gradient row
+    where the class is bad, the others as torch's, and the value recorded."""
+    _compiled()
+    softmax_ce.cuda_take_target_error()
+    x = torch.randn(3, C, device="cuda", requires_grad=True)
+    t = torch.tensor([0, C + 4, 2], device="cuda")
+    loss = softmax_ce.cross_entropy(x, t, reduction="sum")
+    loss.backward()
+    assert torch.isnan(loss)
+    assert softmax_ce.cuda_take_target_error() == C + 4
+    assert torch.isnan(x.grad[1]).all()
+    xr = x.detach()[[0, 2]].requires_grad_()
+    F.cross_entropy(xr, t[[0, 2]], reduction="sum").backward()
+    torch.testing.assert_close(x.grad[[0, 2]], xr.grad)

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 
@@ -116,6 +117,24 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
   }
 }
 
+// This thread's statistics of the elements [begin, begin + n) of a row (x_row, t_row: the row's
+// start), before any reduction over threads.
+template <typename T, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ Stats<acc_t> run_stats(const T* x_row, const T* t_row, int64_t begin,
+                                                  int64_t n, int tid, int nthr, bool prob,
+                                                  const CeConsts<acc_t>& kc, Pack<T>* cache,
+                                                  int64_t cache_packs) {
+  Stats<acc_t> st;
+  st.init();
+  row_foreach<T, M>(
+      x_row + begin, n, tid, nthr,
+      [&](const T* vals, int count, int64_t c0) {
+        accumulate<kFast>(st, vals, count, begin + c0, t_row, prob, kc);
+      },
+      cache, cache_packs);
+  return st;
+}
+
 // The forward of one row: its loss and lse written by the group's first thread; every thread of
 // the group gets the row's statistics. All threads of the block must call it.
 template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
@@ -133,14 +152,8 @@ __device__ __forceinline__ Stats<acc_t> fwd_row(const CeParams& p, bool prob,
     y = load_target(p, row);
     if (y >= 0 && y < C) x_y = kc.cap.value(ld(x[y]));
   }
-  Stats<acc_t> st;
-  st.init();
-  row_foreach<T, M>(
-      x, slot.active ? C : 0, slot.tid, GROUP,
-      [&](const T* vals, int count, int64_t c0) {
-        accumulate<kFast>(st, vals, count, c0, t_row, prob, kc);
-      },
-      cache, p.cache_packs);
+  Stats<acc_t> st = run_stats<T, kFast, M>(x, t_row, 0, slot.active ? C : 0, slot.tid, GROUP,
+                                            prob, kc, cache, p.cache_packs);
   st = group_reduce<GROUP>(st, smem);
   if (slot.active && slot.tid == 0) write_loss(p, prob, row, y, x_y, st);
   return st;
@@ -279,33 +292,42 @@ __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv
   return (cf.k * pr - b) * d;
 }
 
-// The gradient of one row (slot.active) from its coefficients.
-template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
-__device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowSlot<GROUP>& slot,
-                                        const CeConsts<acc_t>& kc, const BwdCoef<acc_t>& cf,
-                                        const Pack<T>* cache = nullptr) {
-  const int64_t C = p.C, row = slot.row;
-  const T* x = static_cast<const T*>(p.x) + row * C;
-  T* out = static_cast<T*>(p.out) + row * C;
-  const T* t_row = prob ? static_cast<const T*>(p.prob) + row * C : nullptr;
+// The gradient of the elements [begin, begin + n) of a row from its coefficients, visited by
+// thread tid of nthr.
+template <typename T, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ void bwd_run(const CeParams& p, bool prob, int64_t row, int64_t begin,
+                                        int64_t n, int tid, int nthr, const CeConsts<acc_t>& kc,
+                                        const BwdCoef<acc_t>& cf, const Pack<T>* cache) {
+  const int64_t C = p.C;
+  const T* x = static_cast<const T*>(p.x) + row * C + begin;
+  T* out = static_cast<T*>(p.out) + row * C + begin;
+  const T* t_run = prob ? static_cast<const T*>(p.prob) + row * C + begin : nullptr;
   row_foreach<T, M>(
-      x, C, slot.tid, GROUP,
+      x, n, tid, nthr,
       [&](const T* vals, int count, int64_t c0) {
         acc_t xv[kVec<T>];
         ld_run(vals, count, xv);
-        const int64_t rel = cf.y - c0;  // the target's place in this run, if it is there
+        const int64_t rel = cf.y - begin - c0;  // the target's place in this run, if it is there
         const int r = rel >= 0 && rel < count ? static_cast<int>(rel) : -1;
         T res[kVec<T>];
 #pragma unroll
         for (int k = 0; k < kVec<T>; ++k) {
           if (k < count) {
-            res[k] = to_t<T>(
-                grad_element<kFast>(cf, xv[k], c0 + k, k == r, t_row + c0 + k, prob, kc));
+            res[k] = to_t<T>(grad_element<kFast>(cf, xv[k], begin + c0 + k, k == r,
+                                                 t_run + c0 + k, prob, kc));
           }
         }
         store_pack(out + c0, res, count);
       },
       const_cast<Pack<T>*>(cache), p.cache_packs);
+}
+
+// The gradient of one row (slot.active) from its coefficients.
+template <typename T, int GROUP, bool kFast, RowCache M = RowCache::kNone, typename acc_t>
+__device__ __forceinline__ void bwd_row(const CeParams& p, bool prob, const RowSlot<GROUP>& slot,
+                                        const CeConsts<acc_t>& kc, const BwdCoef<acc_t>& cf,
+                                        const Pack<T>* cache = nullptr) {
+  bwd_run<T, kFast, M>(p, prob, slot.row, 0, p.C, slot.tid, GROUP, kc, cf, cache);
 }
 
 // A backward launched to redo a gradient formed in the forward pass (p.skip_if_unit set) has
@@ -367,6 +389,62 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kern
   const double lse = lse_from_stats(st.m, dlog(st.s));  // as write_loss stored it
   const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, prob, slot.row, 0, slot.row, lse, a_prob);
   bwd_row<T, GROUP, kFast, kUse>(p, prob, slot, kc, cf, cache);
+}
+
+// Forward and backward of a wide row with class-index targets over a cluster of blocks (Hopper
+// and later; launch_rows picks it): block `rank` of the row's cluster of K takes the slice
+// [rank * slice, (rank + 1) * slice) of the row (the last one the rest), keeps it in its shared
+// memory between the passes (up to p.cache_packs packs; the rest is read again), and the K
+// partial statistics meet through distributed shared memory, merged by every block in rank order
+// (so every block forms the same lse, the one block 0 stores). A row of 128 KB thus takes four
+// blocks of 32 KB, several per multiprocessor, where one block holding the whole row would leave
+// the multiprocessor waiting at each of its row's barriers.
+constexpr int kClusterThreads = 256;
+
+template <typename T, bool kFast>
+__global__ void __launch_bounds__(kClusterThreads)
+    ce_fwdbwd_cluster_kernel(CeParams p, int64_t slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using acc_t = typename AccOf<T>::type;
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int K = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t row = blockIdx.x / K, C = p.C;
+  const int64_t begin = std::min<int64_t>(rank * slice, C);
+  const int64_t n = rank == K - 1 ? C - begin : std::min<int64_t>(slice, C - begin);
+  __shared__ Stats<acc_t> smem[32];
+  __shared__ Stats<acc_t> part;  // this block's statistics, read by the cluster
+  Pack<T>* cache = reinterpret_cast<Pack<T>*>(g_row_cache);
+  const CeConsts<acc_t> kc(p, false);
+  const T* x = static_cast<const T*>(p.x) + row * C;
+  int64_t y = p.ignore_index;
+  acc_t x_y = acc_t(0);
+  if (rank == 0 && tid == 0) {
+    y = load_target(p, row);
+    if (y >= 0 && y < C) x_y = kc.cap.value(ld(x[y]));
+  }
+  Stats<acc_t> st = run_stats<T, kFast, RowCache::kFill>(x, nullptr, begin, n, tid,
+                                                         kClusterThreads, false, kc, cache,
+                                                         p.cache_packs);
+  st = group_reduce<kClusterThreads>(st, smem);
+  if (tid == 0) part = st;
+  cluster.sync();  // every block's part is written
+  if (tid == 0) {
+    Stats<acc_t> all = *cluster.map_shared_rank(&part, 0);
+    for (int r = 1; r < K; ++r) all.merge(*cluster.map_shared_rank(&part, r));
+    smem[0] = all;
+  }
+  __syncthreads();
+  const Stats<acc_t> all = smem[0];
+  cluster.barrier_arrive();  // this block has read the others' parts
+  if (rank == 0 && tid == 0) write_loss(p, false, row, y, x_y, all);
+  const double lse = lse_from_stats(all.m, dlog(all.s));  // as write_loss stored it
+  const BwdCoef<acc_t> cf = bwd_coef<acc_t>(p, false, row, 0, row, lse, acc_t(0));
+  bwd_run<T, kFast, RowCache::kUse>(p, false, row, begin, n, tid, kClusterThreads, kc, cf, cache);
+  cluster.barrier_wait();  // no block leaves while another may still read its part
+#endif
 }
 
 // A (as row_a_prob) of one position of [outer, C, inner] (inner > 1), in class order.
@@ -463,6 +541,21 @@ void launch_rows(const CeParams& p_in, bool prob, Pass pass, cudaStream_t stream
       }
     }
   };
+  if (pass == Pass::kBoth && !prob) {
+    const ClusterPlan plan = cluster_plan(p.C, sizeof(T), kVec<T>, p.outer);
+    if (plan.blocks > 1) {
+      auto kernel = ce_fwdbwd_cluster_kernel<T, kFast>;
+      size_t smem = 0;
+      p.cache_packs = slice_cache_packs(plan.slice / kVec<T>, reinterpret_cast<const void*>(kernel),
+                                        &smem);
+      if (cluster_fits(reinterpret_cast<const void*>(kernel), plan.blocks, kClusterThreads, smem)) {
+        launch_cluster(kernel, p.outer * plan.blocks, kClusterThreads, plan.blocks, smem, stream,
+                       p, plan.slice);
+        return;
+      }
+      p.cache_packs = 0;
+    }
+  }
   // Probability targets keep the backward's group size (and so its order of summing A): a
   // gradient formed in the forward pass equals, bit for bit, one recomputed by a later backward
   // (gradcheck's reentrancy check); their rows are re-read from L2 instead of shared memory.

@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include "device_common.cuh"  // kVec
@@ -72,6 +74,94 @@ inline int64_t row_cache_packs(int64_t C, const void* kernel, size_t* smem) {
   *smem = static_cast<size_t>(packs) * 16;
   if (*smem > 48 * 1024) allow_dynamic_smem(kernel);
   return packs;
+}
+
+// A wide row's split over a cluster of blocks (the fused cross-entropy forward+backward on
+// Hopper and later): `blocks` per row (1: no cluster) and each block's slice, in elements (a
+// whole number of packs).
+struct ClusterPlan {
+  int blocks;
+  int64_t slice;
+};
+
+// Rows wider than one slice (32 KB, or SOFTMAX_CE_CUDA_CLUSTER_SLICE_KB) go to a cluster of the
+// power of two of blocks that gives slices of at most that size, up to 8 (the portable cluster
+// size; or SOFTMAX_CE_CUDA_CLUSTER, 0 or 1: none), the last two experiment switches for the GPU
+// check script. Wider rows than 8 slices take 8 larger slices.
+inline ClusterPlan cluster_plan(int64_t C, int elem_size, int vec, int64_t outer) {
+  static const int max_blocks = [] {
+    const char* v = std::getenv("SOFTMAX_CE_CUDA_CLUSTER");
+    return v && *v ? std::clamp(std::atoi(v), 1, 8) : 8;
+  }();
+  static const int64_t slice_bytes = [] {
+    const char* v = std::getenv("SOFTMAX_CE_CUDA_CLUSTER_SLICE_KB");
+    return v && *v ? std::max<int64_t>(1, std::atoll(v)) * 1024 : int64_t(32 * 1024);
+  }();
+  const ClusterPlan none{1, C};
+  if (max_blocks < 2 || at::cuda::getCurrentDeviceProperties()->major < 9) return none;
+  if (C * elem_size <= slice_bytes) return none;
+  int k = 2;
+  while (k < max_blocks && k * slice_bytes < C * elem_size) k *= 2;
+  if (outer > (int64_t(1) << 31) / k - 1) return none;  // grid of outer * k blocks
+  const int64_t packs = (C + vec - 1) / vec;
+  return {k, (packs + k - 1) / k * vec};
+}
+
+// The shared-memory cache of a slice of `packs` packs: what the budget allows; bytes in *smem.
+inline int64_t slice_cache_packs(int64_t packs, const void* kernel, size_t* smem) {
+  const int64_t kept = std::min<int64_t>(packs, row_cache_budget() / 16);
+  *smem = static_cast<size_t>(kept) * 16;
+  if (*smem > 48 * 1024) allow_dynamic_smem(kernel);
+  return kept;
+}
+
+// Whether a cluster of `blocks` blocks of `threads` threads and `smem` bytes of dynamic shared
+// memory can run on this device (asked once per kernel, device and shape).
+inline bool cluster_fits(const void* kernel, int blocks, int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int, size_t>, bool> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(kernel, device, blocks, threads, smem);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = blocks;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
+                    clusters > 0;
+  (void)cudaGetLastError();  // a refusal is an answer, not a pending error
+  known[key] = fits;
+  return fits;
+}
+
+// Launches kernel on a 1-D grid of `grid` blocks in clusters of `blocks`.
+template <typename... Params, typename... Args>
+inline void launch_cluster(void (*kernel)(Params...), int64_t grid, int threads, int blocks,
+                           size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = blocks;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 
 }  // namespace softmax_ce::cuda
