@@ -64,8 +64,9 @@ PYEOF
       rc=$?
       echo "  [$env] $what: exit $rc $(tail -1 "$scratch/diag.log")"
       [ $rc -ne 0 ] && sed 's/^/    /' "$scratch/diag.log" | tail -40
-      if [ $rc -ne 0 ] && command -v gdb > /dev/null; then
-        env PYTHONPATH="$PWD" $env gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$scratch/diag.py" $what \
+      dbg=$(command -v gdb || command -v cuda-gdb)  # the GPU image has cuda-gdb only
+      if [ $rc -ne 0 ] && [ -n "$dbg" ]; then
+        env PYTHONPATH="$PWD" $env "$dbg" -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$scratch/diag.py" $what \
           > "$OUT/diag_gdb_${what}.log" 2>&1
         grep -E "^#[0-9]+" "$OUT/diag_gdb_${what}.log" | head -25
         grep -E "libstdc|libgcc_s|_C\.cpython" "$OUT/diag_gdb_${what}.log" | head -5
@@ -74,6 +75,16 @@ PYEOF
   done
   so=$(ls softmax_ce/_C*.so 2>/dev/null | head -1)
   [ -n "$so" ] && ldd "$so" | grep -E "libstdc|libgcc_s|libgomp|libc10\.|libtorch_cpu" | sed 's/^/  ldd: /'
+  # A copy of libstdc++ linked into the extension (-static-libstdc++, which some compiler
+  # wrappers add) formats torch's error messages with its own stream code on locale state that
+  # the process's shared libstdc++ set up: the first error message with a number crashes.
+  if [ -n "$so" ]; then
+    echo "  std::locale::classic() defined inside the extension (0 unless libstdc++ is linked" \
+      "statically): $(nm -C --defined-only "$so" 2> /dev/null | grep -c 'std::locale::classic()')"
+    cxx=$(command -v "${CXX:-c++}")
+    file -L "$cxx" 2> /dev/null | sed 's/^/  /'
+    head -c 2000 "$cxx" 2> /dev/null | grep -a -E "static|exec" | head -5 | sed 's/^/  compiler script: /'
+  fi
   $PY -c "
 import os, torch, softmax_ce
 softmax_ce.cross_entropy(torch.randn(64, 100), torch.randint(0, 100, (64,)))
@@ -116,7 +127,7 @@ for shape, dtype in (((4096, 128256), torch.bfloat16), ((8192, 32000), torch.flo
     softmax_ce.cross_entropy(x, t).backward()
 torch.cuda.synchronize()
 PYEOF
-  timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none --kernel-name regex:"ce_fwd_rows|ce_fwdbwd" --launch-count 4 --section SpeedOfLight \
+  PYTHONPATH="$PWD" timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none --kernel-name regex:"ce_fwd_rows|ce_fwdbwd" --launch-count 4 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
     --section WarpStateStats $PY "$scratch/profile.py" > "$OUT/ncu.log" 2>&1
   grep -E "ce_fwd|Duration|Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Dynamic Shared|L2 Hit|Waves Per SM|Stall" \

@@ -85,10 +85,10 @@ def test_out_of_range_target_is_nan_and_recorded():
     ((33, 3), torch.float32),          # one pack per row
     ((65, 10), torch.float32),         # 4 threads per row
     ((31, 1001), torch.float32),       # a warp per row, rows not 16-byte aligned
-    ((17, 32000), torch.float32),      # a 256-thread block per row; fused: a cluster of 4
-    ((9, 128256), torch.bfloat16),     # a 1024-thread block per row; fused: a cluster of 8
-    ((7, 50257), torch.float16),       # odd vocabulary (rows not aligned); fused: 4 blocks
-    ((4, 9000), torch.float32),        # fused: a cluster of 2
+    ((17, 32000), torch.float32),      # a 256-thread block per row; fused (Hopper): 4 blocks
+    ((9, 128256), torch.bfloat16),     # a 1024-thread block per row
+    ((7, 50257), torch.float16),       # odd vocabulary (rows not aligned)
+    ((4, 9000), torch.float32),        # fused (Hopper): a cluster of 2
     ((3, 300000), torch.float32),      # fused: 8 slices of 150 KB (opt-in shared memory)
     ((2, 700001), torch.float32),      # fused: 8 slices larger than shared memory, unaligned
     ((5, 7, 33, 9), torch.float32),    # inner > 1

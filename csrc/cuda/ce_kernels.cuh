@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(GROUP <= 32 ? 256 : GROUP) ce_fwdbwd_rows_kern
 }
 
 // Forward and backward of a wide row with class-index targets over a cluster of blocks (Hopper
-// and later; launch_rows picks it): block `rank` of the row's cluster of K takes the slice
+// and later, float32 rows: cluster_plan): block `rank` of the row's cluster of K takes the slice
 // [rank * slice, (rank + 1) * slice) of the row (the last one the rest), keeps it in its shared
 // memory between the passes (up to p.cache_packs packs; the rest is read again), and the K
 // partial statistics meet through distributed shared memory, merged by every block in rank order

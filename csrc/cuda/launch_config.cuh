@@ -87,7 +87,10 @@ struct ClusterPlan {
 // Rows wider than one slice (32 KB, or SOFTMAX_CE_CUDA_CLUSTER_SLICE_KB) go to a cluster of the
 // power of two of blocks that gives slices of at most that size, up to 8 (the portable cluster
 // size; or SOFTMAX_CE_CUDA_CLUSTER, 0 or 1: none), the last two experiment switches for the GPU
-// check script. Wider rows than 8 slices take 8 larger slices.
+// check script. Wider rows than 8 slices take 8 larger slices. float32 rows only, as measured
+// (H200, BENCHMARKS.md): (8192, 32000) float32 0.81 -> 0.69 ms; bfloat16 rows were slower in
+// clusters ((8192, 32000) 0.44 -> 0.50 ms, (4096, 128256) 0.93 -> 0.96 ms) and keep one block
+// per row; float64 was not measured.
 inline ClusterPlan cluster_plan(int64_t C, int elem_size, int vec, int64_t outer) {
   static const int max_blocks = [] {
     const char* v = std::getenv("SOFTMAX_CE_CUDA_CLUSTER");
@@ -98,7 +101,9 @@ inline ClusterPlan cluster_plan(int64_t C, int elem_size, int vec, int64_t outer
     return v && *v ? std::max<int64_t>(1, std::atoll(v)) * 1024 : int64_t(32 * 1024);
   }();
   const ClusterPlan none{1, C};
-  if (max_blocks < 2 || at::cuda::getCurrentDeviceProperties()->major < 9) return none;
+  if (elem_size != 4 || max_blocks < 2 || at::cuda::getCurrentDeviceProperties()->major < 9) {
+    return none;
+  }
   if (C * elem_size <= slice_bytes) return none;
   int k = 2;
   while (k < max_blocks && k * slice_bytes < C * elem_size) k *= 2;
