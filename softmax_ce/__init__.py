@@ -44,6 +44,7 @@ from .functional import (  # noqa: E402
     log_softmax,
     softmax,
 )
+from .linear import linear_cross_entropy  # noqa: E402
 from .ops import force_reference, implementation  # noqa: E402
 
 
@@ -89,6 +90,7 @@ def build_info() -> dict:
 
 __all__ = [
     "cross_entropy",
+    "linear_cross_entropy",
     "binary_cross_entropy_with_logits",
     "softmax",
     "log_softmax",

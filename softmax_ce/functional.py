@@ -76,6 +76,8 @@ def _check_device(tensor: Optional[Tensor], name: str, input: Tensor, fn: str) -
 
 def _autocast_to_float32(input: Tensor) -> bool:
     """Whether autocast is on for the input's device (loss functions then run in float32)."""
+    if input.device.type == "meta":  # linear_cross_entropy's argument checks (never autocast)
+        return False
     return input.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(input.device.type)
 
 
@@ -237,8 +239,14 @@ def cross_entropy(
     the forward pass (one read of the logits, one write of the gradient) and handed over by
     backward; see ``gradient_in_forward``.
     """
-    fn = "cross_entropy"
     reduction = _reduction(size_average, reduce, reduction)
+    return _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                          softcap, inplace_backward, "cross_entropy")
+
+
+def _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                   softcap, inplace_backward, fn):
+    """cross_entropy after its legacy arguments, errors naming ``fn``."""
     _check_floating(input, "input", fn)
     if input.dim() == 0:
         raise RuntimeError(
