@@ -40,6 +40,7 @@ from .functional import (
     _index,
     _mean_denominator,
     _reduction,
+    _tracks_grad,
 )
 from .reference import acc_dtype
 
@@ -47,18 +48,20 @@ __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
 _WORK_FRACTION = 16  # the default chunk's working memory: at most 1/16 of the whole logits
 _MIN_CHUNK = 32
+_MIN_BUDGET = 16 << 20  # small problems: one chunk of up to 16 MiB (tiny GEMMs are slow)
 
 
 def default_chunk_size(rows: int, classes: int, in_features: int, dtype: torch.dtype,
                        acc: torch.dtype) -> int:
     """Rows per chunk: the largest number whose working memory (the chunk's logits, plus the
     float32 copies of logits and inputs when ``grad_weight`` accumulates in a wider dtype) stays
-    under 1/16 of what the whole logits would take; at least 32 rows (or all of them)."""
+    under 1/16 of what the whole logits would take, or under 16 MiB for small problems; at least
+    32 rows (or all of them)."""
     size = torch.empty((), dtype=dtype).element_size()
     per_row = classes * size
     if acc != dtype:
         per_row += (classes + in_features) * torch.empty((), dtype=acc).element_size()
-    budget = rows * classes * size // _WORK_FRACTION
+    budget = max(rows * classes * size // _WORK_FRACTION, _MIN_BUDGET)
     chunk = budget // max(per_row, 1)
     return int(max(1, min(rows, max(chunk, _MIN_CHUNK))))
 
@@ -417,6 +420,17 @@ def linear_cross_entropy(
     x = x.contiguous()
     lin_w = linear_weight.contiguous()
     t = t.contiguous()
+    if not _tracks_grad(x, lin_w, linear_bias):  # no gradients: the losses alone
+        scale = torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device)
+        rows = _linear_ce_fwd(x, lin_w, linear_bias, t, w, scale, *opts, chunk, acc_fp32, False,
+                              False, False)[0]
+        if reduction == "none":
+            return (rows if batched else rows.reshape(())).to(input.dtype)
+        total = fixed_order_sum(rows)
+        if reduction == "sum":
+            return total.to(input.dtype)
+        denom = (N if prob else _mean_denominator(t.view(N, 1), w, ignore, C))
+        return (total / denom).to(input.dtype)
     if reduction == "none":
         rows = _LinearCrossEntropyRows.apply(x, lin_w, linear_bias, t, w, opts, chunk, acc_fp32)
         return (rows if batched else rows.reshape(())).to(input.dtype)

@@ -28,9 +28,10 @@ from typing import List
 import torch
 
 from .cases import (
-    DEFAULT_CASES, FULL_CASES, GPU_CASES, KINDS, QUICK_CASES, SOFTMAX_SHAPES, Case, bench_softmax,
-    make_impls, measure_memory,
+    DEFAULT_CASES, FULL_CASES, GPU_CASES, KINDS, MEMORY, QUICK_CASES, SOFTMAX_SHAPES, Case,
+    bench_softmax, case_bytes, make_impls,
 )
+from .linear_cases import format_linear_table
 from .harness import (
     DTYPES, Record, Timer, _minutes, copy_bandwidth, format_table, log, machine_info,
     parse_shapes, plot,
@@ -106,7 +107,7 @@ def run(args) -> int:
         raise SystemExit("--device cuda: no CUDA device available")
     cases = _select_cases(args, device)
     timer = Timer(device)
-    sizes = [torch.Size(c.shape).numel() * DTYPES[c.dtype].itemsize for c in cases]
+    sizes = [case_bytes(c) for c in cases]
     log(f"softmax_ce bench on {device}: {len(cases)} case(s); measuring copy bandwidth")
     bw = copy_bandwidth(max(sizes), device, timer)
     info = machine_info(device, bw)
@@ -146,7 +147,7 @@ def run(args) -> int:
         for i, recs in enumerate(memory_work):
             progress(len(cases) + i, f"{recs[0].case} {tuple(recs[0].shape)} {recs[0].dtype}: "
                                      "peak memory")
-            measure_memory(recs, device, not args.no_compile)
+            MEMORY[recs[0].op](recs, device, not args.no_compile)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     log(f"done in {_minutes(time.perf_counter() - start)}")
@@ -157,9 +158,12 @@ def run(args) -> int:
     if args.json == "-":
         print(json.dumps(payload, indent=1))
     else:
-        print(format_table(records, info))
+        print(format_table([r for r in records if r.op != "linear_cross_entropy"], info))
+        linear = [r for r in records if r.op == "linear_cross_entropy"]
+        if linear:
+            print(format_linear_table(linear))
     if args.plot:
-        plot(records, info, args.plot)
+        plot([r for r in records if r.op != "linear_cross_entropy"], info, args.plot)
         log(f"plot written to {args.plot}")
     bad = [r for r in records if r.agrees is False]
     for r in bad:

@@ -18,6 +18,7 @@ import softmax_ce
 from softmax_ce import ops
 
 from .harness import DTYPES, Record, extra_peak_bytes, log
+from .linear_cases import bench_linear, measure_linear_memory
 
 
 class Case(NamedTuple):
@@ -44,6 +45,9 @@ FULL_CASES = [
     Case("classify-10", (65536, 10), "float32"),
     Case("imagenet-1k", (32768, 1000), "float32"),
     Case("segment-21", (16, 21, 128, 128), "float32"),
+    Case("llm-head-32k", (4096, 1024, 32000), "float32", "linear_cross_entropy"),
+    Case("llm-head-32k", (4096, 1024, 32000), "bfloat16", "linear_cross_entropy"),
+    Case("llama3-head", (2048, 512, 128256), "float32", "linear_cross_entropy"),
 ]
 
 
@@ -52,6 +56,7 @@ QUICK_CASES = [
     Case("llm-32k-small", (512, 32000), "bfloat16"),
     Case("classify-10", (16384, 10), "float32"),
     Case("segment-21", (4, 21, 64, 64), "float32"),
+    Case("llm-head-small", (512, 256, 8000), "float32", "linear_cross_entropy"),
 ]
 
 
@@ -61,6 +66,7 @@ GPU_CASES = [
     Case("llm-32k", (8192, 32000), "bfloat16"),
     Case("imagenet-1k", (32768, 1000), "float32"),
     Case("segment-21", (16, 21, 128, 128), "float32"),
+    Case("llama3-head", (8192, 4096, 128256), "bfloat16", "linear_cross_entropy"),
 ]
 
 
@@ -289,4 +295,15 @@ def bench_softmax(name, shape, dtype_name, device, timer, args) -> List[Record]:
 
 # kind -> the function that benchmarks one case of it (and, after it, softmax / log_softmax on
 # the shapes of SOFTMAX_SHAPES)
-KINDS = {"cross_entropy": bench_cross_entropy}
+KINDS = {"cross_entropy": bench_cross_entropy, "linear_cross_entropy": bench_linear}
+
+# kind -> the function that measures the cases' extra peak memory
+MEMORY = {"cross_entropy": measure_memory, "linear_cross_entropy": measure_linear_memory}
+
+
+def case_bytes(case: Case) -> int:
+    """The bytes of a case's logits (linear cases: (N, H, C) -> N x C)."""
+    shape = case.shape
+    if case.kind == "linear_cross_entropy":
+        shape = (shape[0], shape[2])
+    return torch.Size(shape).numel() * DTYPES[case.dtype].itemsize
