@@ -120,31 +120,62 @@ SCE_HD acc_t ce_index_a(acc_t w_y, acc_t w_sum, acc_t eps, acc_t eps_over_c) {
   return (acc_t(1) - eps) * w_y + eps_over_c * w_sum;
 }
 
-// a_c = w_c ((1-eps) t_c + eps/C) for probability targets.
+// The elementary operations of the formulas below for one value. The formulas are written once,
+// over a math policy M: ScalarMath here (CUDA threads, CPU scalar tails), a vector of values in
+// the CPU kernels (VecMath, csrc/cpu/kernels/vec_math.h).
 template <typename acc_t>
-SCE_HD acc_t ce_prob_coef(acc_t t, acc_t w, acc_t eps, acc_t eps_over_c) {
-  return w * ((acc_t(1) - eps) * t + eps_over_c);
+struct ScalarMath {
+  static SCE_HD acc_t c(double v) { return static_cast<acc_t>(v); }
+  static SCE_HD acc_t exp(acc_t v) { return sce_exp(v); }
+  static SCE_HD acc_t log1p(acc_t v) { return sce_log1p(v); }
+  static SCE_HD acc_t abs(acc_t v) { return v < acc_t(0) ? -v : v; }
+  static SCE_HD acc_t neg(acc_t v) { return -v; }
+  static SCE_HD acc_t max0(acc_t v) { return v > acc_t(0) ? v : acc_t(0); }
+  static SCE_HD acc_t fmadd(acc_t a, acc_t b, acc_t c) { return a * b + c; }
+};
+
+// a_c = w_c ((1-eps) t_c + eps/C) for probability targets, from eps1 = 1 - eps.
+template <typename M, typename A>
+SCE_HD A ce_prob_coef_m(A t, A w, A eps1, A eps_over_c) {
+  return w * M::fmadd(t, eps1, eps_over_c);
 }
 
 // Sigmoid (binary) cross-entropy, torch's formula:
 //   loss = w [(1 - y) x + (1 + (pw - 1) y) log(1 + exp(-x))],
 //   dloss/dx = g w [(pw y + 1 - y) sigmoid(x) - pw y].
+template <typename M, typename A>
+SCE_HD A softplus_neg_m(A x) {  // log(1 + exp(-x)) = log1p(exp(-|x|)) + max(-x, 0), no overflow
+  return M::log1p(M::exp(M::neg(M::abs(x)))) + M::max0(M::neg(x));
+}
+
+template <typename M, typename A>
+SCE_HD A sigmoid_ce_loss_m(A x, A y, A w, A pw) {
+  const A one = M::c(1);
+  return w * ((one - y) * x + (one + (pw - one) * y) * softplus_neg_m<M>(x));
+}
+
+template <typename M, typename A>
+SCE_HD A sigmoid_ce_grad_m(A g, A x, A y, A w, A pw) {
+  const A one = M::c(1);
+  const A s = one / (one + M::exp(M::neg(x)));
+  const A pwy = pw * y;
+  return g * w * ((pwy + one - y) * s - pwy);
+}
+
+// The same formulas for one value.
 template <typename acc_t>
-SCE_HD acc_t softplus_neg(acc_t x) {  // log(1 + exp(-x)) without overflow
-  acc_t ax = x < acc_t(0) ? -x : x;
-  return sce_log1p(sce_exp(-ax)) + (x < acc_t(0) ? -x : acc_t(0));
+SCE_HD acc_t ce_prob_coef(acc_t t, acc_t w, acc_t eps1, acc_t eps_over_c) {
+  return ce_prob_coef_m<ScalarMath<acc_t>>(t, w, eps1, eps_over_c);
 }
 
 template <typename acc_t>
 SCE_HD acc_t sigmoid_ce_loss(acc_t x, acc_t y, acc_t w, acc_t pw) {
-  return w * ((acc_t(1) - y) * x + (acc_t(1) + (pw - acc_t(1)) * y) * softplus_neg(x));
+  return sigmoid_ce_loss_m<ScalarMath<acc_t>>(x, y, w, pw);
 }
 
 template <typename acc_t>
 SCE_HD acc_t sigmoid_ce_grad(acc_t g, acc_t x, acc_t y, acc_t w, acc_t pw) {
-  acc_t s = acc_t(1) / (acc_t(1) + sce_exp(-x));
-  acc_t pwy = pw * y;
-  return g * w * ((pwy + acc_t(1) - y) * s - pwy);
+  return sigmoid_ce_grad_m<ScalarMath<acc_t>>(g, x, y, w, pw);
 }
 
 }  // namespace softmax_ce

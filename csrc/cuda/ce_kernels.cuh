@@ -110,7 +110,7 @@ __device__ __forceinline__ void accumulate(Stats<acc_t>& st, const T* vals, int 
       st.add(v[k]);
       if (kc.dot) {
         acc_t coef = kc.w ? kc.w[c0 + k] : acc_t(1);
-        if (prob) coef *= kc.eps1 * ld(t_row[c0 + k]) + kc.eps_c;
+        if (prob) coef = ce_prob_coef(ld(t_row[c0 + k]), coef, kc.eps1, kc.eps_c);
         st.add_dot(v[k], coef);
       }
     }
@@ -205,7 +205,7 @@ __device__ __forceinline__ Stats<acc_t> fwd_position(const CeParams& p, bool pro
           st.add(a);
           if (kc.dot) {
             acc_t coef = kc.w ? kc.w[c0 + k] : acc_t(1);
-            if (prob) coef *= kc.eps1 * ld(t[(c0 + k) * I]) + kc.eps_c;
+            if (prob) coef = ce_prob_coef(ld(t[(c0 + k) * I]), coef, kc.eps1, kc.eps_c);
             st.add_dot(a, coef);
           }
         }
@@ -284,7 +284,7 @@ __device__ __forceinline__ acc_t grad_element(const BwdCoef<acc_t>& cf, acc_t xv
   const acc_t pr = dexp_minus(xs, cf.hi, cf.lo);
   acc_t b = acc_t(0);
   if (prob) {
-    b = cf.g * (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(*t_c) + kc.eps_c);
+    b = ce_prob_coef(ld(*t_c), cf.g * (kc.w ? kc.w[c] : acc_t(1)), kc.eps1, kc.eps_c);
   } else if (kc.smooth) {
     b = cf.bs * (kc.w ? kc.w[c] : acc_t(1));
   }
@@ -349,7 +349,7 @@ __device__ __forceinline__ acc_t row_a_prob(const CeParams& p, bool prob,
   const T* t_row = static_cast<const T*>(p.prob) + (slot.active ? slot.row * C : 0);
   acc_t a = acc_t(0);
   for (int64_t c = slot.tid; c < n; c += GROUP) {
-    a += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t_row[c]) + kc.eps_c);
+    a += ce_prob_coef(ld(t_row[c]), kc.w ? kc.w[c] : acc_t(1), kc.eps1, kc.eps_c);
   }
   return group_sum<GROUP>(a, smem);
 }
@@ -456,7 +456,7 @@ __device__ __forceinline__ acc_t position_a_prob(const CeParams& p, bool prob, i
   const T* t = static_cast<const T*>(p.prob) + o * C * I + i;
   acc_t a = acc_t(0);
   for (int64_t c = 0; c < C; ++c) {
-    a += (kc.w ? kc.w[c] : acc_t(1)) * (kc.eps1 * ld(t[c * I]) + kc.eps_c);
+    a += ce_prob_coef(ld(t[c * I]), kc.w ? kc.w[c] : acc_t(1), kc.eps1, kc.eps_c);
   }
   return a;
 }

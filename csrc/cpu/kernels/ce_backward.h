@@ -16,6 +16,7 @@ template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
+  using VM = VecMath<acc_t>;
   using io = IO<T>;
   constexpr int64_t L = io::L;
   const T* x = static_cast<const T*>(a.x);
@@ -67,8 +68,8 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
         V ta, tb, wa(acc_t(1)), wb(acc_t(1));
         io::load_n(tr + c, cnt, ta, tb);
         if constexpr (kW) IO<acc_t>::load_n(w + c, cnt, wa, wb);
-        V ca = wa * at::vec::fmadd(ta, v_eps1, v_epsc);
-        V cb = wb * at::vec::fmadd(tb, v_eps1, v_epsc);
+        V ca = ce_prob_coef_m<VM>(ta, wa, v_eps1, v_epsc);
+        V cb = ce_prob_coef_m<VM>(tb, wb, v_eps1, v_epsc);
         if (cnt < 2 * L) {
           ca = V::set(V(acc_t(0)), ca, std::min(cnt, L));
           cb = cnt > L ? V::set(V(acc_t(0)), cb, cnt - L) : V(acc_t(0));
@@ -96,8 +97,8 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
         V ta, tb, wa(acc_t(1)), wb(acc_t(1));
         io::load_n(tr + c, cnt, ta, tb);
         if constexpr (kW) IO<acc_t>::load_n(w + c, cnt, wa, wb);
-        ga = ga - vg * wa * at::vec::fmadd(ta, v_eps1, v_epsc);
-        gb = gb - vg * wb * at::vec::fmadd(tb, v_eps1, v_epsc);
+        ga = ga - ce_prob_coef_m<VM>(ta, vg * wa, v_eps1, v_epsc);
+        gb = gb - ce_prob_coef_m<VM>(tb, vg * wb, v_eps1, v_epsc);
       } else if constexpr (kDot == Dot::kSmoothing) {
         if constexpr (kW) {
           V wa, wb;
@@ -147,6 +148,7 @@ template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
+  using VM = VecMath<acc_t>;
   using io = IO<T>;
   constexpr int64_t L = io::L, B = 2 * L;
   const T* x = static_cast<const T*>(a.x);
@@ -229,8 +231,8 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         V ta, tb;
         load(prob + base + c * inner, ta, tb);
         const V wc(kW ? w[c] : acc_t(1));
-        sa += wc * at::vec::fmadd(ta, v_eps1, v_epsc);
-        sb += wc * at::vec::fmadd(tb, v_eps1, v_epsc);
+        sa += ce_prob_coef_m<VM>(ta, wc, v_eps1, v_epsc);
+        sb += ce_prob_coef_m<VM>(tb, wc, v_eps1, v_epsc);
       }
       alignas(64) acc_t a_sum[B];
       sa.store(a_sum);
@@ -269,8 +271,8 @@ Status ce_bwd_blocks(const CeArgs& a, int64_t begin, int64_t end) {
         V ta, tb;
         load(prob + base + c * inner, ta, tb);
         const V wc(kW ? w[c] : acc_t(1));
-        gra = gra - ga_ * wc * at::vec::fmadd(ta, v_eps1, v_epsc);
-        grb = grb - gb_ * wc * at::vec::fmadd(tb, v_eps1, v_epsc);
+        gra = gra - ce_prob_coef_m<VM>(ta, ga_ * wc, v_eps1, v_epsc);
+        grb = grb - ce_prob_coef_m<VM>(tb, gb_ * wc, v_eps1, v_epsc);
       } else if constexpr (kDot == Dot::kSmoothing) {
         const V wc(kW ? w[c] : acc_t(1));
         gra = gra - bsa * wc;

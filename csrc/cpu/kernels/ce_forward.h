@@ -132,7 +132,7 @@ inline void block_stats(const T* xb, const T* tb, const typename AccOf<T>::type*
         if constexpr (kDot != Dot::kNone) {
           V coef = wc;
           if constexpr (kDot == Dot::kProbabilities) {
-            coef = coef * at::vec::fmadd(t[h], v_eps1, v_epsc);
+            coef = ce_prob_coef_m<VecMath<acc_t>>(t[h], wc, v_eps1, v_epsc);
           }
           st.D[h] = at::vec::fmadd(coef, ref[h] - v, st.D[h]);
           st.A[h] += coef;

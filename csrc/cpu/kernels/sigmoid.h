@@ -11,13 +11,6 @@
 // Sigmoid cross-entropy (elementwise, over TensorIterator loops)
 // ------------------------------------------------------------------------------------------
 
-// log(1 + exp(-x)) = log1p(exp(-|x|)) + max(-x, 0)
-template <typename acc_t>
-inline Vectorized<acc_t> vsoftplus_neg(const Vectorized<acc_t>& x) {
-  using V = Vectorized<acc_t>;
-  return (V(acc_t(0)) - x.abs()).exp().log1p() + at::vec::maximum(V(acc_t(0)) - x, V(acc_t(0)));
-}
-
 // data = {out, [g], x, y, [w], [pw]}; kGrad selects the backward.
 template <typename T, bool kGrad>
 void sigmoid_loop_t(const SigmoidArgs& a, char** data, const int64_t* strides, int64_t n) {
@@ -63,7 +56,7 @@ void sigmoid_loop_t(const SigmoidArgs& a, char** data, const int64_t* strides, i
       }
     }
     T* dst = reinterpret_cast<T*>(data[0]);
-    const V one(acc_t(1)), zero(acc_t(0));
+    const V one(acc_t(1));
     for (; i + B <= n; i += B) {
       V r[2];
       V xv[2], yv[2], wv[2] = {one, one}, pwv[2] = {one, one}, gv[2];
@@ -72,14 +65,11 @@ void sigmoid_loop_t(const SigmoidArgs& a, char** data, const int64_t* strides, i
       if (iw >= 0) io::load(src[iw] + (step[iw] ? i : 0), wv[0], wv[1]);
       if (ipw >= 0) io::load(src[ipw] + (step[ipw] ? i : 0), pwv[0], pwv[1]);
       if constexpr (kGrad) io::load(src[1] + (step[1] ? i : 0), gv[0], gv[1]);
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < 2; ++h) {  // row_math.h's formulas, for a vector
         if constexpr (kGrad) {
-          const V s = one / (one + (zero - xv[h]).exp());
-          const V pwy = pwv[h] * yv[h];
-          r[h] = gv[h] * wv[h] * ((pwy + one - yv[h]) * s - pwy);
+          r[h] = sigmoid_ce_grad_m<VecMath<acc_t>>(gv[h], xv[h], yv[h], wv[h], pwv[h]);
         } else {
-          r[h] = wv[h] * ((one - yv[h]) * xv[h] +
-                          (one + (pwv[h] - one) * yv[h]) * vsoftplus_neg(xv[h]));
+          r[h] = sigmoid_ce_loss_m<VecMath<acc_t>>(xv[h], yv[h], wv[h], pwv[h]);
         }
       }
       io::store(dst + i, r[0], r[1]);

@@ -127,3 +127,17 @@ inline Vectorized<acc_t> vcap_d(const Vectorized<acc_t>& x, acc_t s, acc_t inv_s
   d = V(acc_t(1)) - th * th;
   return th * V(s);
 }
+
+// row_math.h's math policy for a vector of values: its formulas (the sigmoid cross-entropy, the
+// probability-target coefficient) are written once, for one value and for a vector.
+template <typename acc_t>
+struct VecMath {
+  using V = Vectorized<acc_t>;
+  static V c(double v) { return V(static_cast<acc_t>(v)); }
+  static V exp(const V& v) { return v.exp(); }
+  static V log1p(const V& v) { return v.log1p(); }
+  static V abs(const V& v) { return v.abs(); }
+  static V neg(const V& v) { return V(acc_t(0)) - v; }
+  static V max0(const V& v) { return at::vec::maximum(v, V(acc_t(0))); }
+  static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+};
