@@ -45,6 +45,7 @@ from .functional import (  # noqa: E402
     softmax,
 )
 from .linear import linear_cross_entropy  # noqa: E402
+from .patch import is_patched, patch, unpatch  # noqa: E402
 from .ops import force_reference, implementation  # noqa: E402
 
 
@@ -91,6 +92,9 @@ def build_info() -> dict:
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
+    "patch",
+    "unpatch",
+    "is_patched",
     "binary_cross_entropy_with_logits",
     "softmax",
     "log_softmax",

@@ -1,4 +1,4 @@
-"""The command line: python -m softmax_ce {bench,info} [options]."""
+"""The command line: python -m softmax_ce {bench,info,figures} [options]."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ commands:
           implementation agrees with torch, and compares each time with the
           memory-traffic floor (--full: the whole table of BENCHMARKS.md)
   info    what was built and which implementation serves each device
+  figures the tutorial's figures, computed with the package's functions (PNG;
+          needs matplotlib)
 
 Run 'python -m softmax_ce COMMAND --help' for a command's options."""
 
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                                description="What was built and which implementation serves "
                                            "each device.")
     info.add_argument("--json", action="store_true", help="print it as JSON")
+    figures = commands.add_parser("figures", help="the tutorial's figures (needs matplotlib)",
+                                  description="Writes bce_cost.png, softmax_example.png and "
+                                              "ce_vs_mse_gradient.png to --out.")
+    figures.add_argument("--out", default="figures", help="output folder (default: figures)")
     return parser
 
 
@@ -62,6 +68,12 @@ def main(argv=None) -> int:
         from .bench import run
 
         return run(args)
+    if args.command == "figures":
+        from .figures import write_figures
+
+        for path in write_figures(args.out):
+            print(path)
+        return 0
     return _info(args)
 
 
