@@ -20,15 +20,16 @@ say() { echo "setup_env: $*" >&2; }
 if ! "$PY" - <<'EOF' 2>/dev/null
 import importlib.metadata as m
 need = {"torch": "2.13.0", "numpy": None, "pytest": None, "hypothesis": None,
-        "setuptools": None, "wheel": None, "ninja": None}
+        "setuptools": None, "wheel": None, "ninja": None, "scikit-learn": None}
 for name, version in need.items():
     have = m.version(name)
     if version and have.split("+")[0] != version:
         raise SystemExit(1)
 EOF
 then
-  say "installing torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja"
-  "$VENV/bin/pip" install -q torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja
+  say "installing torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja scikit-learn"
+  "$VENV/bin/pip" install -q torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja \
+    scikit-learn
 fi
 
 stamp_file=build/softmax_ce.stamp
