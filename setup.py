@@ -108,6 +108,7 @@ ext_modules, cmdclass = extensions()
 
 setup(
     packages=find_packages(include=["softmax_ce", "softmax_ce.*"]),
+    package_data={"softmax_ce": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
