@@ -23,3 +23,16 @@ def test_digits_classifier_short():
     # within a few float32 roundings of float64 at every step (torch's own: about 2-3)
     for key in ("ours_loss", "ours_grad", "ref_loss", "ref_grad"):
         assert result[key] <= 8.0, (key, result[key])
+
+
+def test_tiny_lm_short():
+    results = _load("tiny_lm").main(["--short"])
+    fused = results["fused linear cross-entropy"]
+    plain = results["linear, then cross_entropy"]
+    assert len(fused["losses"]) == 20
+    assert fused["losses"][-1] < 0.7 * fused["losses"][0]  # it learns
+    # the same model, weights and batches: the same curve up to float32 rounding
+    for a, b in zip(fused["losses"], plain["losses"]):
+        assert abs(a - b) <= 1e-3 * abs(b), (a, b)
+    if fused["extra_peak_bytes"] is not None and plain["extra_peak_bytes"] is not None:
+        assert fused["extra_peak_bytes"] < plain["extra_peak_bytes"]
