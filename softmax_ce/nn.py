@@ -97,7 +97,31 @@ class LogSoftmax(torch.nn.LogSoftmax):
         return F.log_softmax(input, self.dim, _stacklevel=5)
 
 
-class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
+class _LinearCrossEntropyOptions:
+    """The options and the call shared by the two fused linear cross-entropy modules."""
+
+    def _set_options(self, ignore_index, label_smoothing, options, z_loss, softcap, chunk_size,
+                     grad_weight_acc_dtype) -> None:
+        F._check_z_loss_softcap(z_loss, softcap, type(self).__name__)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.z_loss = float(z_loss)
+        self.softcap = None if softcap is None else float(softcap)
+        self.chunk_size = chunk_size
+        self.grad_weight_acc_dtype = grad_weight_acc_dtype
+
+    def _loss(self, input, linear_weight, target, linear_bias):
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, options=self.options, z_loss=self.z_loss,
+            softcap=self.softcap, chunk_size=self.chunk_size,
+            grad_weight_acc_dtype=self.grad_weight_acc_dtype,
+        )
+
+
+class LinearCrossEntropyLoss(_LinearCrossEntropyOptions, torch.nn.modules.loss._WeightedLoss):
     """A head (``self.linear``) and its cross-entropy in one, the logits never whole: torch
     2.13's ``nn.LinearCrossEntropyLoss`` constructor and attributes (its ``state_dict`` loads into
     ours and back), plus keyword-only ``z_loss``, ``softcap``, ``chunk_size`` and
@@ -131,32 +155,20 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
                 f"expected label_smoothing to be in range [0, 1], got {label_smoothing}"
             )
         super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
-        F._check_z_loss_softcap(z_loss, softcap, type(self).__name__)
+        self._set_options(ignore_index, label_smoothing, options, z_loss, softcap, chunk_size,
+                          grad_weight_acc_dtype)
         self.num_classes = num_classes
         self.out_features = tuple(out_features)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
         features = num_classes
         for d in self.out_features:
             features *= d
         self.linear = torch.nn.Linear(in_features, features, bias=bias, device=device, dtype=dtype)
-        self.options = options
-        self.z_loss = float(z_loss)
-        self.softcap = None if softcap is None else float(softcap)
-        self.chunk_size = chunk_size
-        self.grad_weight_acc_dtype = grad_weight_acc_dtype
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
         lin_w = self.linear.weight.reshape((*shape, self.linear.in_features))
         lin_b = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
-        return linear_cross_entropy(
-            input, lin_w, target, linear_bias=lin_b, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, options=self.options, z_loss=self.z_loss,
-            softcap=self.softcap, chunk_size=self.chunk_size,
-            grad_weight_acc_dtype=self.grad_weight_acc_dtype,
-        )
+        return self._loss(input, lin_w, target, lin_b)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
@@ -166,40 +178,21 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
                 f"softcap={self.softcap}, chunk_size={self.chunk_size}")
 
 
-class TiedLinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
+class TiedLinearCrossEntropyLoss(_LinearCrossEntropyOptions,
+                                 torch.nn.modules.loss._WeightedLoss):
     """The fused linear cross-entropy for a head that lives elsewhere (tied embeddings, a
     model's own ``lm_head``): no parameters; ``forward(input, linear_weight, target,
     linear_bias=None)``. Options as ``LinearCrossEntropyLoss``."""
 
-    def __init__(
-        self,
-        *,
-        reduction: str = "mean",
-        weight: Optional[Tensor] = None,
-        ignore_index: Optional[int] = None,
-        label_smoothing: float = 0.0,
-        options=None,
-        z_loss: float = 0.0,
-        softcap: Optional[float] = None,
-        chunk_size: Optional[int] = None,
-        grad_weight_acc_dtype: Optional[torch.dtype] = None,
-    ) -> None:
+    def __init__(self, *, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None,
+                 chunk_size: Optional[int] = None,
+                 grad_weight_acc_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
-        F._check_z_loss_softcap(z_loss, softcap, type(self).__name__)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.options = options
-        self.z_loss = float(z_loss)
-        self.softcap = None if softcap is None else float(softcap)
-        self.chunk_size = chunk_size
-        self.grad_weight_acc_dtype = grad_weight_acc_dtype
+        self._set_options(ignore_index, label_smoothing, options, z_loss, softcap, chunk_size,
+                          grad_weight_acc_dtype)
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None) -> Tensor:
-        return linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, options=self.options, z_loss=self.z_loss,
-            softcap=self.softcap, chunk_size=self.chunk_size,
-            grad_weight_acc_dtype=self.grad_weight_acc_dtype,
-        )
+        return self._loss(input, linear_weight, target, linear_bias)

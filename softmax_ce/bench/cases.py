@@ -5,10 +5,7 @@ kinds (the fused linear cross-entropy, the vocab-parallel loss) are a function a
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import sys
 from typing import Callable, Dict, List, NamedTuple
 
 import torch
@@ -17,7 +14,7 @@ import torch.nn.functional as F
 import softmax_ce
 from softmax_ce import ops
 
-from .harness import DTYPES, Record, extra_peak_bytes, log
+from .harness import DTYPES, Record, extra_peak_bytes, log, measure_peaks
 from .linear_cases import bench_linear, measure_linear_memory
 
 
@@ -198,32 +195,11 @@ def bench_cross_entropy(name, shape, dtype_name, device, timer, bw, args) -> Lis
 
 
 def measure_memory(records: List[Record], device: str, compile_baseline: bool) -> None:
-    """Extra peak memory of one forward+backward per implementation. CUDA: in this process
-    (the caching allocator's peak statistics are exact). CPU: in a child process per case, whose
-    glibc serves every allocation above 128 KB with its own mmap (MALLOC_MMAP_THRESHOLD_), so that
-    the peak resident set measures the allocations and not a heap warmed by earlier cases."""
+    """Extra peak memory of one forward+backward per implementation (harness.measure_peaks)."""
     rec0 = records[0]
     spec = {"shape": rec0.shape, "dtype": rec0.dtype, "device": device,
             "compile": compile_baseline, "impls": [r.impl for r in records]}
-    if device.startswith("cuda"):
-        result = _memory_case(spec)
-    else:
-        import subprocess
-
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-        code = "import sys, json; from softmax_ce.bench.cases import _memory_case; " \
-               "print(json.dumps(_memory_case(json.loads(sys.argv[1]))))"
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            log(f"  memory measurement failed: {proc.stderr.strip()[-500:]}")
-            return
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for r in records:
-        peak = result.get(r.impl)
-        if peak is not None:
-            r.extra_peak_bytes = int(peak)
-            r.extra_peak_over_logits = peak / result["logits_bytes"]
+    measure_peaks(records, device, spec, "softmax_ce.bench.cases", "_memory_case")
 
 
 def _memory_case(spec: dict) -> dict:

@@ -135,6 +135,37 @@ def extra_peak_bytes(step: Callable[[], None], device: str) -> Optional[int]:
     return None if peak is None else max(0, (peak - base) * 1024)
 
 
+def measure_peaks(records: List[Record], device: str, spec: dict, module: str,
+                  function: str) -> None:
+    """Fills the records' extra peak memory from ``module.function(spec)``: a dict from
+    implementation to bytes, plus "logits_bytes" (what the extra is a share of). On CUDA in this
+    process; on the CPU in a child process whose glibc serves every allocation above 128 KB with
+    its own mmap (MALLOC_MMAP_THRESHOLD_), so that the peak resident set measures the
+    allocations and not a heap warmed by earlier cases."""
+    if device.startswith("cuda"):
+        import importlib
+
+        result = getattr(importlib.import_module(module), function)(spec)
+    else:
+        import json
+        import subprocess
+
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+        code = (f"import sys, json; from {module} import {function}; "
+                f"print(json.dumps({function}(json.loads(sys.argv[1]))))")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            log(f"  memory measurement failed: {proc.stderr.strip()[-500:]}")
+            return
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in records:
+        peak = result.get(r.impl)
+        if peak is not None:
+            r.extra_peak_bytes = int(peak)
+            r.extra_peak_over_logits = peak / result["logits_bytes"]
+
+
 def parse_shapes(text: str):
     cases = []
     for item in text.split(","):

@@ -9,11 +9,7 @@ and their gradients, as a share of what the whole logits would take."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 from typing import Callable, Dict, List
 
 import torch
@@ -21,7 +17,7 @@ import torch.nn.functional as F
 
 import softmax_ce
 
-from .harness import DTYPES, Record, extra_peak_bytes, log
+from .harness import DTYPES, Record, extra_peak_bytes, log, measure_peaks
 
 
 def make_linear_impls() -> Dict[str, Callable]:
@@ -127,28 +123,11 @@ def bench_linear(name, shape, dtype_name, device, timer, bw, args) -> List[Recor
 
 def measure_linear_memory(records: List[Record], device: str, compile_baseline=False) -> None:
     """Extra peak memory of one forward+backward beyond inputs, weight and their gradients, over
-    the bytes of the whole logits (N x C in the input dtype); CPU: in a child process (as the
-    cross-entropy cases), CUDA: here."""
+    the bytes of the whole logits (N x C in the input dtype), as harness.measure_peaks does."""
     rec0 = records[0]
     spec = {"shape": rec0.shape, "dtype": rec0.dtype, "device": device,
             "impls": [r.impl for r in records if r.impl != "bare GEMMs"]}
-    if device.startswith("cuda"):
-        result = _linear_memory_case(spec)
-    else:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-        code = ("import sys, json; from softmax_ce.bench.linear_cases import _linear_memory_case; "
-                "print(json.dumps(_linear_memory_case(json.loads(sys.argv[1]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            log(f"  memory measurement failed: {proc.stderr.strip()[-500:]}")
-            return
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for r in records:
-        peak = result.get(r.impl)
-        if peak is not None:
-            r.extra_peak_bytes = int(peak)
-            r.extra_peak_over_logits = peak / result["logits_bytes"]
+    measure_peaks(records, device, spec, "softmax_ce.bench.linear_cases", "_linear_memory_case")
 
 
 def _linear_memory_case(spec: dict) -> dict:
