@@ -98,6 +98,9 @@ def step_peak(fused: bool, vocab_size: int):
     block above 128 KB to the system (as the benchmark measures), so that the peak resident set
     counts the step's allocations and not a heap warmed by earlier steps."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    # the child imports the softmax_ce this process runs, installed or not
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(softmax_ce.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, __file__, "--peak", "fused" if fused else "unfused",
                           "--vocab-size", str(vocab_size)], env=env, capture_output=True,
                          text=True, check=True).stdout
