@@ -228,8 +228,7 @@ class _LinearCrossEntropyReduced(torch.autograd.Function):
         ctx.reduction, ctx.opts, ctx.chunk, ctx.acc_fp32 = reduction, opts, chunk, acc_fp32
         ctx.handed_over = False
         ctx.compiled = torch.compiler.is_compiling()
-        total = fixed_order_sum(rows)
-        return total / denom if reduction == "mean" else total
+        return _reduce(rows, denom, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -421,28 +420,38 @@ def linear_cross_entropy(
     x = x.contiguous()
     lin_w = linear_weight.contiguous()
     t = t.contiguous()
-    if not _tracks_grad(x, lin_w, linear_bias):  # no gradients: the losses alone
-        scale = torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device)
-        rows = _linear_ce_fwd(x, lin_w, linear_bias, t, w, scale, *opts, chunk, acc_fp32, False,
-                              False, False)[0]
-        if reduction == "none":
-            return (rows if batched else rows.reshape(())).to(input.dtype)
-        total = fixed_order_sum(rows)
-        if reduction == "sum":
-            return total.to(input.dtype)
-        denom = (N if prob else _mean_denominator(t.view(N, 1), w, ignore, C))
-        return (total / denom).to(input.dtype)
+    grads = _tracks_grad(x, lin_w, linear_bias)
     if reduction == "none":
-        rows = _LinearCrossEntropyRows.apply(x, lin_w, linear_bias, t, w, opts, chunk, acc_fp32)
+        if grads:
+            rows = _LinearCrossEntropyRows.apply(x, lin_w, linear_bias, t, w, opts, chunk,
+                                                 acc_fp32)
+        else:
+            rows = _losses_alone(x, lin_w, linear_bias, t, w, opts, chunk, acc_fp32)
         return (rows if batched else rows.reshape(())).to(input.dtype)
-    if reduction == "mean":
+    if reduction == "mean":  # torch's denominators: positions (probabilities), sum of w[y] kept
         denom = (torch.full((), float(N), dtype=acc_dtype(x.dtype), device=x.device) if prob
                  else _mean_denominator(t.view(N, 1), w, ignore, C))
     else:
         denom = torch.ones((), device=x.device)
-    loss = _LinearCrossEntropyReduced.apply(x, lin_w, linear_bias, t, w, denom, reduction, opts,
-                                            chunk, acc_fp32)
+    if grads:
+        loss = _LinearCrossEntropyReduced.apply(x, lin_w, linear_bias, t, w, denom, reduction,
+                                                opts, chunk, acc_fp32)
+    else:
+        loss = _reduce(_losses_alone(x, lin_w, linear_bias, t, w, opts, chunk, acc_fp32),
+                       denom, reduction)
     return loss.to(input.dtype)
+
+
+def _losses_alone(x, lin_w, lin_b, target, weight, opts, chunk, acc_fp32):
+    """The per-row losses with no gradient work (autograd records nothing)."""
+    scale = torch.zeros((), dtype=acc_dtype(x.dtype), device=x.device)
+    return _linear_ce_fwd(x, lin_w, lin_b, target, weight, scale, *opts, chunk, acc_fp32, False,
+                          False, False)[0]
+
+
+def _reduce(rows, denom, reduction):
+    total = fixed_order_sum(rows)
+    return total / denom if reduction == "mean" else total
 
 
 def _composite_checks(meta, target, weight, reduction, opts, fn):
