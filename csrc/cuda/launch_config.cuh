@@ -120,6 +120,24 @@ inline int64_t slice_cache_packs(int64_t packs, const void* kernel, size_t* smem
   return kept;
 }
 
+// The launch configuration of a 1-D grid of `grid` blocks of `threads` threads in clusters of
+// `blocks`, with `smem` bytes of dynamic shared memory; *attr holds its cluster attribute.
+inline cudaLaunchConfig_t cluster_config(int64_t grid, int threads, int blocks, size_t smem,
+                                         cudaStream_t stream, cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = blocks;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // Whether a cluster of `blocks` blocks of `threads` threads and `smem` bytes of dynamic shared
 // memory can run on this device (asked once per kernel, device and shape).
 inline bool cluster_fits(const void* kernel, int blocks, int threads, size_t smem) {
@@ -131,17 +149,8 @@ inline bool cluster_fits(const void* kernel, int blocks, int threads, size_t sme
   const std::lock_guard<std::mutex> lock(mutex);
   const auto it = known.find(key);
   if (it != known.end()) return it->second;
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = blocks;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(blocks, threads, blocks, smem, nullptr, &attr);
   int clusters = 0;
   const bool fits = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
                     clusters > 0;
@@ -154,18 +163,8 @@ inline bool cluster_fits(const void* kernel, int blocks, int threads, size_t sme
 template <typename... Params, typename... Args>
 inline void launch_cluster(void (*kernel)(Params...), int64_t grid, int threads, int blocks,
                            size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = blocks;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(grid, threads, blocks, smem, stream, &attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 
