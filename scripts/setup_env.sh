@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with what softmax_ce needs (torch 2.13.0 CPU build, numpy, pytest, hypothesis,
-# ninja), builds the extension into the source tree and installs the package in editable mode.
+# ninja; scikit-learn and transformers for the tests of the examples and the integration),
+# builds the extension into the source tree and installs the package in editable mode.
 #
 # Idempotent and incremental: a second run with nothing changed takes seconds. The build is
 # skipped when a stamp (a hash of csrc/, setup.py, the torch version and the build switches)
@@ -20,16 +21,18 @@ say() { echo "setup_env: $*" >&2; }
 if ! "$PY" - <<'EOF' 2>/dev/null
 import importlib.metadata as m
 need = {"torch": "2.13.0", "numpy": None, "pytest": None, "hypothesis": None,
-        "setuptools": None, "wheel": None, "ninja": None, "scikit-learn": None}
+        "setuptools": None, "wheel": None, "ninja": None, "scikit-learn": None,
+        "transformers": "5.24.0"}
 for name, version in need.items():
     have = m.version(name)
     if version and have.split("+")[0] != version:
         raise SystemExit(1)
 EOF
 then
-  say "installing torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja scikit-learn"
+  say "installing torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja scikit-learn" \
+    "transformers==5.24.0"
   "$VENV/bin/pip" install -q torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja \
-    scikit-learn
+    scikit-learn transformers==5.24.0
 fi
 
 stamp_file=build/softmax_ce.stamp

@@ -383,6 +383,17 @@ def linear_cross_entropy(
     default for half inputs, or the input's dtype). Results do not depend on the chunk size
     beyond rounding.
     """
+    loss = _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                 ignore_index, label_smoothing, options, z_loss, softcap,
+                                 chunk_size, grad_weight_acc_dtype)
+    return loss.to(input.dtype)
+
+
+def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                          ignore_index, label_smoothing, options, z_loss, softcap, chunk_size,
+                          grad_weight_acc_dtype) -> Tensor:
+    """linear_cross_entropy with the loss in its accumulation dtype (float32 for half inputs,
+    before the public function rounds it to the input's dtype)."""
     fn = "linear_cross_entropy"
     reduction = _reduction(None, None, reduction)
     out_features = _check_shapes(input, linear_weight, linear_bias, fn)
@@ -427,7 +438,7 @@ def linear_cross_entropy(
                                                  acc_fp32)
         else:
             rows = _losses_alone(x, lin_w, linear_bias, t, w, opts, chunk, acc_fp32)
-        return (rows if batched else rows.reshape(())).to(input.dtype)
+        return rows if batched else rows.reshape(())
     if reduction == "mean":  # torch's denominators: positions (probabilities), sum of w[y] kept
         denom = (torch.full((), float(N), dtype=acc_dtype(x.dtype), device=x.device) if prob
                  else _mean_denominator(t.view(N, 1), w, ignore, C))
@@ -439,7 +450,7 @@ def linear_cross_entropy(
     else:
         loss = _reduce(_losses_alone(x, lin_w, linear_bias, t, w, opts, chunk, acc_fp32),
                        denom, reduction)
-    return loss.to(input.dtype)
+    return loss
 
 
 def _losses_alone(x, lin_w, lin_b, target, weight, opts, chunk, acc_fp32):

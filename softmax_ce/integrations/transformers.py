@@ -1,0 +1,213 @@
+"""Hugging Face ``transformers``: a causal LM computes its training loss with the fused linear
+cross-entropy, so the ``(batch, seq, vocab)`` logits never exist whole.
+
+    from softmax_ce.integrations import transformers as sce_hf
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    sce_hf.apply(model)            # returns the model; sce_hf.remove(model) undoes it
+    out = model(input_ids, labels=labels)        # out.loss as before, out.logits is None
+    out.loss.backward()
+
+What changes, only for a call with ``labels`` that does not want the logits: the model runs its
+decoder (``model.base_model``), then ``softmax_ce.linear_cross_entropy`` on the last hidden
+states and the head's weight (and bias) instead of ``lm_head`` + the model's loss function. The
+loss is the model's own, computed the way ``transformers``' ``ForCausalLMLoss`` does it: labels
+shifted left by one (or ``shift_labels`` when given), ``ignore_index=-100``, a float32 loss
+(float64 for a float64 model),
+``mean`` over the kept positions, or ``sum / num_items_in_batch`` when the caller (Hugging
+Face's ``Trainer`` under gradient accumulation) passes ``num_items_in_batch``; a model with a
+final logit soft-cap (Gemma 2) has it applied inside the fused loss. Under autocast the hidden
+states and the head's weight are cast to the autocast dtype, as autocast's ``F.linear`` would.
+
+The logits are returned when asked for: ``model(..., labels=labels, return_logits=True)``, the
+``return_logits`` given to ``apply``, or, by default, whenever the model is in eval mode
+(``model.eval()``: evaluation loops read logits). Such a call, every call without labels
+(generation) and a call with ``logits_to_keep`` other than 0 run the model's own forward,
+untouched. A loss function of the caller's (``Trainer(compute_loss_func=...)``) reads the logits
+and so needs ``return_logits=True``.
+
+Architectures: those whose ``config.model_type`` is in ``SUPPORTED_MODEL_TYPES``, each checked
+by the test suite against the unpatched model (loss and every parameter's gradient); any other
+raises ``NotImplementedError`` rather than risk a head that post-processes logits in a way the
+fused loss would not reproduce. Tested with transformers 5.24.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..linear import _linear_cross_entropy
+
+__all__ = ["apply", "remove", "is_applied", "SUPPORTED_MODEL_TYPES"]
+
+# config.model_type -> how its head turns hidden states into logits beyond lm_head: the name of
+# the config field holding a final tanh soft-cap, or None
+SUPPORTED_MODEL_TYPES = {
+    "llama": None,
+    "mistral": None,
+    "qwen2": None,
+    "qwen3": None,
+    "gpt2": None,
+    "gemma2": "final_logit_softcapping",
+}
+
+_ATTR = "_softmax_ce_fused_loss"  # the settings, on a patched model
+
+
+@dataclasses.dataclass
+class _Settings:
+    original_forward: object
+    return_logits: Optional[bool]
+    chunk_size: Optional[int]
+
+
+def apply(model: nn.Module, *, return_logits: Optional[bool] = None,
+          chunk_size: Optional[int] = None) -> nn.Module:
+    """Makes ``model`` (a ``...ForCausalLM`` / ``GPT2LMHeadModel`` of a supported type) compute
+    its training loss with the fused linear cross-entropy; returns the model.
+
+    ``return_logits``: None (the default) returns logits in eval mode only; True always (the
+    model's own forward runs); False never. ``chunk_size``: rows per chunk of the fused loss
+    (default: ``softmax_ce.linear.default_chunk_size``). Applying again updates the settings.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"softmax_ce.integrations.transformers.apply: model type {model_type!r} is not "
+            f"supported (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError("softmax_ce.integrations.transformers.apply: the model's output "
+                        f"embeddings must be an nn.Linear, got {type(head).__name__}")
+    if return_logits is not None and not isinstance(return_logits, bool):
+        raise TypeError("apply(): return_logits must be None or a bool, got "
+                        f"{type(return_logits).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"apply(): chunk_size must be a positive int, got {chunk_size!r}")
+    settings = getattr(model, _ATTR, None)
+    if settings is not None:  # applied before: new settings, the same wrapper
+        settings.return_logits = return_logits
+        settings.chunk_size = chunk_size
+        return model
+    original = model.forward
+    settings = _Settings(original, return_logits, chunk_size)
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)  # Trainer reads the signature (dataset columns, loss kwargs)
+    def forward(*args, **kwargs):
+        return _forward(model, settings, signature, args, kwargs)
+
+    model.forward = forward
+    setattr(model, _ATTR, settings)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undoes ``apply``: the model's own forward again. Returns the model."""
+    settings = getattr(model, _ATTR, None)
+    if settings is not None:
+        del model.forward  # the instance attribute; the class's forward shows through
+        delattr(model, _ATTR)
+    return model
+
+
+def is_applied(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def _forward(model, settings, signature, args, kwargs):
+    want = kwargs.pop("return_logits", None)
+    if want is not None and not isinstance(want, bool):
+        raise TypeError(f"forward(): return_logits must be a bool, got {type(want).__name__}")
+    if want is None:
+        want = settings.return_logits
+    if want is None:
+        want = not model.training
+    call = _arguments(signature, args, kwargs)
+    labels = call.pop("labels", None)
+    keep = call.pop("logits_to_keep", 0)
+    if labels is None or want or not (isinstance(keep, int) and keep == 0):
+        return settings.original_forward(*args, **kwargs)
+    num_items = call.pop("num_items_in_batch", None)
+    shift_labels = call.pop("shift_labels", None)
+    ignore_index = call.pop("ignore_index", -100)
+    return_dict = call.pop("return_dict", None)
+    out = model.base_model(**call)
+    hidden = out[0]
+    if shift_labels is None:  # tokens < n predict n; the last position predicts nothing
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    loss = _fused_loss(model, hidden, shift_labels, num_items, ignore_index, settings.chunk_size)
+    return _output(model, out, loss, return_dict)
+
+
+def _arguments(signature, args, kwargs) -> dict:
+    """The call's arguments by name, the ``**kwargs`` of the signature flattened in."""
+    bound = signature.bind(*args, **kwargs)
+    call = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError("forward(): extra positional arguments are not supported by "
+                            "softmax_ce's fused loss")
+        else:
+            call[name] = value
+    return call
+
+
+def _fused_loss(model, hidden, shift_labels, num_items, ignore_index, chunk_size):
+    head = model.get_output_embeddings()
+    lin_w, lin_b = head.weight, head.bias
+    h = hidden.reshape(-1, hidden.shape[-1])
+    target = shift_labels.reshape(-1).to(h.device)
+    if target.numel() != h.shape[0]:
+        raise ValueError(f"labels: expected {h.shape[0]} positions (the hidden states' batch x "
+                         f"sequence), got {target.numel()}")
+    cap_field = SUPPORTED_MODEL_TYPES[model.config.model_type]
+    softcap = getattr(model.config, cap_field, None) if cap_field else None
+    reduction = "mean" if num_items is None else "sum"
+    device = h.device.type
+    if torch.is_autocast_enabled(device):  # what autocast's F.linear would compute in
+        dtype = torch.get_autocast_dtype(device)
+        h, lin_w = h.to(dtype), lin_w.to(dtype)
+        lin_b = lin_b.to(dtype) if lin_b is not None else None
+        with torch.autocast(device, enabled=False):
+            loss = _linear_cross_entropy(h, lin_w, target, lin_b, None, reduction, ignore_index,
+                                         0.0, None, 0.0, softcap, chunk_size, None)
+    else:
+        loss = _linear_cross_entropy(h, lin_w, target, lin_b, None, reduction, ignore_index, 0.0,
+                                     None, 0.0, softcap, chunk_size, None)
+    # transformers computes the loss on float32 logits; float64 models keep their precision
+    loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+    if num_items is not None:
+        if torch.is_tensor(num_items):
+            num_items = num_items.to(loss.device)
+        loss = loss / num_items
+    return loss
+
+
+def _output(model, base_out, loss, return_dict):
+    """The model's output type (a ``CausalLMOutput...``) with the loss, no logits, and the
+    decoder's other outputs (cache, hidden states, attentions)."""
+    from transformers import modeling_outputs as mo
+
+    if isinstance(base_out, tuple):  # a model configured to return tuples
+        return (loss,) + tuple(base_out[1:])
+    fields = {k: v for k, v in base_out.items() if k != "last_hidden_state"}
+    cls = mo.CausalLMOutputWithCrossAttentions if "CrossAttentions" in type(base_out).__name__ \
+        else mo.CausalLMOutputWithPast
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = cls(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in names})
+    if return_dict is False:
+        return out.to_tuple()
+    return out
