@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 import warnings
 from typing import NamedTuple, Optional
 
@@ -219,6 +220,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     inplace_backward: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
 
@@ -234,14 +236,38 @@ def cross_entropy(
         N x C buffer). The logits' contents are destroyed by backward and their version counter
         is bumped, so any other autograd use of them raises. Ignored under ``torch.compile``
         and with ``create_graph=True`` (falls back to a fresh gradient).
+      process_group: a ``torch.distributed`` group over which the class dimension is split
+        (vocab-parallel): ``input`` holds this rank's slice, classes ``[r * C_local,
+        (r + 1) * C_local)`` on rank r, slices of one size; ``target`` (global class indices, or
+        probabilities sliced like ``input``) and ``weight`` (all ``C`` classes) the same on every
+        rank. The loss equals the gathered logits' and is bit-identical on every rank; the
+        gradient is this rank's slice. One all-gather of a few floats per position per forward,
+        none in backward (``softmax_ce.distributed``). DTensor logits sharded on the class
+        dimension take this path without the argument.
 
     With a ``mean`` or ``sum`` reduction and logits that require grad, the gradient is formed in
     the forward pass (one read of the logits, one write of the gradient) and handed over by
     backward; see ``gradient_in_forward``.
     """
     reduction = _reduction(size_average, reduce, reduction)
+    if process_group is not None or _is_dtensor(input):
+        from . import distributed
+
+        if process_group is None:
+            return distributed.cross_entropy_dtensor(
+                input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                inplace_backward, "cross_entropy")
+        return distributed.cross_entropy_over_group(
+            input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+            inplace_backward, process_group, "cross_entropy")
     return _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                           softcap, inplace_backward, "cross_entropy")
+
+
+def _is_dtensor(t) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
+    cls = getattr(module, "DTensor", None)
+    return cls is not None and isinstance(t, cls)
 
 
 def _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,

@@ -368,6 +368,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     grad_weight_acc_dtype: Optional[torch.dtype] = None,
+    process_group=None,
 ) -> Tensor:
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` with the logits
     computed a chunk of rows at a time, never whole; torch 2.13's ``F.linear_cross_entropy``
@@ -382,7 +383,31 @@ def linear_cross_entropy(
     (rows per chunk; default: ``default_chunk_size``); ``grad_weight_acc_dtype`` (float32, the
     default for half inputs, or the input's dtype). Results do not depend on the chunk size
     beyond rounding.
+
+    ``process_group`` (vocab-parallel): ``linear_weight`` (and ``linear_bias``) hold this rank's
+    slice of the vocabulary rows, ``[r * C_local, (r + 1) * C_local)`` on rank r, slices of one
+    size; ``input``, ``target`` (global class indices, or probabilities sliced like the local
+    logits) and ``weight`` (all classes) are the same on every rank. The logits are never whole
+    on any rank. The input's gradient is the full one, already summed over the group inside
+    this function (do not all-reduce it again); the weight's and bias's are this rank's slice.
+    Collectives: one all-gather of a few floats per row and one all-reduce of the input's
+    gradient, both in the forward for a ``mean`` / ``sum`` loss (``softmax_ce.distributed``).
     """
+    if process_group is not None:
+        from .distributed import linear_cross_entropy_over_group
+
+        fn = "linear_cross_entropy"
+        reduction = _reduction(None, None, reduction)
+        _check_shapes(input, linear_weight, linear_bias, fn)
+        if options is not None or grad_weight_acc_dtype is not None:
+            raise NotImplementedError(f"{fn}: options and grad_weight_acc_dtype are not "
+                                      "supported with a process group")
+        ignore = -100 if ignore_index is None else _index(ignore_index, "ignore_index", fn)
+        cap = _check_extensions(label_smoothing, z_loss, softcap, fn)
+        opts = CeOptions(ignore, float(label_smoothing), float(z_loss), cap)
+        return linear_cross_entropy_over_group(
+            input, linear_weight, target, linear_bias, weight, reduction, opts,
+            _chunk_option(None, chunk_size, fn), process_group, fn)
     loss = _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, options, z_loss, softcap,
                                  chunk_size, grad_weight_acc_dtype)

@@ -21,8 +21,8 @@ __all__ = ["CrossEntropyLoss", "BCEWithLogitsLoss", "Softmax", "LogSoftmax",
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """Drop-in for ``torch.nn.CrossEntropyLoss`` plus keyword-only ``z_loss``, ``softcap`` and
-    ``inplace_backward`` (see ``softmax_ce.cross_entropy``)."""
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` plus keyword-only ``z_loss``, ``softcap``,
+    ``inplace_backward`` and ``process_group`` (see ``softmax_ce.cross_entropy``)."""
 
     def __init__(
         self,
@@ -36,6 +36,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
         inplace_backward: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         # torch checks reduction and label_smoothing at the call; our extensions are checked here.
@@ -43,6 +44,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.z_loss = float(z_loss)
         self.softcap = None if softcap is None else float(softcap)
         self.inplace_backward = bool(inplace_backward)
+        self.process_group = process_group  # vocab-parallel: see softmax_ce.cross_entropy
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(
@@ -55,6 +57,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             z_loss=self.z_loss,
             softcap=self.softcap,
             inplace_backward=self.inplace_backward,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 5; quick 3; "
                                                             "full 7)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--distributed", action="store_true", help="the vocab-parallel loss, world "
+                   "size 2 over gloo, against one process (softmax_ce/bench/distributed.py); "
+                   "--shapes NxC (default 4096x32000), --dtype")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-softmax", action="store_true", help="skip softmax / log_softmax")
@@ -90,6 +93,22 @@ def _select_cases(args, device):
 
 
 def run(args) -> int:
+    if getattr(args, "distributed", False):
+        from . import distributed
+
+        N, C = (4096, 32000) if not args.shapes else (
+            int(v) for v in args.shapes.split(",")[0].lower().split("x"))
+        result = distributed.run(N, C, args.dtype or "float32",
+                                 rounds=args.repeat or (3 if args.quick else 5))
+        print(distributed.report(result))
+        if args.json:
+            text = json.dumps(result, indent=1)
+            if args.json == "-":
+                print(text)
+            else:
+                with open(args.json, "w") as f:
+                    f.write(text)
+        return 0
     if args.repeat is None:
         args.repeat = 3 if args.quick else (7 if args.full else 5)
     if args.impls is None and not (args.full or args.quick or args.shapes):

@@ -1,0 +1,149 @@
+"""``python -m softmax_ce bench --distributed``: the vocab-parallel loss on this machine's CPUs,
+world size 2 over gloo (two processes, one thread each), against one process (one thread)
+holding the whole logits; and the bytes each scheme communicates per step.
+
+Per rank: the time of a forward+backward of a ``mean`` loss (median of the rounds) on its
+``(N, C / world)`` slice, and the extra peak memory of that step (resident set, the allocator
+returning freed blocks, as the main benchmark measures). Communication per step, as payload
+sizes: ours, one all-gather of (11 + 4 N) float64 per rank; Megatron's scheme, three
+all-reduces of N float32 (max, sum of exponentials, target logit).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _step_stats(fn, rounds):
+    """(median seconds, extra peak bytes) of fn() after one warm-up."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status("VmRSS")
+        fn()
+        peak = _status("VmHWM") - before
+    except OSError:
+        peak = None
+    return statistics.median(times), peak
+
+
+def _case(N, C, dtype_name, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(N, C, generator=g).to(dtype)
+    t = torch.randint(0, C, (N,), generator=g)
+    return x, t
+
+
+def _worker(rank, world, folder, N, C, dtype_name, rounds):
+    import torch
+    import torch.distributed as dist
+
+    import softmax_ce
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    x, t = _case(N, C, dtype_name)
+    c_local = C // world
+    local = x[:, rank * c_local:(rank + 1) * c_local].contiguous()
+    group = dist.group.WORLD
+
+    def step():
+        xl = local.clone().requires_grad_()
+        softmax_ce.cross_entropy(xl, t, process_group=group).backward()
+
+    seconds, peak = _step_stats(step, rounds)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump({"seconds": seconds, "peak": peak}, f)
+    dist.destroy_process_group()
+
+
+def _single(N, C, dtype_name, rounds):
+    """One process, one thread, the whole logits (run in a child, like the ranks)."""
+    import torch
+
+    import softmax_ce
+
+    torch.set_num_threads(1)
+    x, t = _case(N, C, dtype_name)
+
+    def step():
+        xl = x.clone().requires_grad_()
+        softmax_ce.cross_entropy(xl, t).backward()
+
+    return _step_stats(step, rounds)
+
+
+def run(N=4096, C=32000, dtype_name="float32", world=2, rounds=5) -> dict:
+    import subprocess
+
+    import torch.multiprocessing as mp
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_MMAP_THRESHOLD_"]  # the spawned ranks
+    code = ("import json, sys; from softmax_ce.bench.distributed import _single; "
+            "print(json.dumps(_single(*json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([N, C, dtype_name, rounds])],
+                          env=env, capture_output=True, text=True, check=True)
+    single_s, single_peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_worker, args=(world, folder, N, C, dtype_name, rounds), nprocs=world,
+                 join=True)
+        ranks = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
+    element = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype_name]
+    return {
+        "shape": [N, C], "dtype": dtype_name, "world": world,
+        "logits_bytes": N * C * element,
+        "single_seconds": single_s, "single_extra_peak": single_peak,
+        "rank_seconds": [r["seconds"] for r in ranks],
+        "rank_extra_peak": [r["peak"] for r in ranks],
+        "ours_bytes_sent_per_rank": (11 + 4 * N) * 8,
+        "ours_bytes_received_per_rank": world * (11 + 4 * N) * 8,
+        "megatron_allreduce_payload_bytes": 3 * N * 4,
+    }
+
+
+def report(result) -> str:
+    mib = 1 << 20
+    ranks = result["rank_seconds"]
+    peaks = result["rank_extra_peak"]
+    lines = [
+        f"vocab-parallel cross-entropy, world size {result['world']} (gloo, one thread per rank) "
+        f"vs one process (one thread), {tuple(result['shape'])} {result['dtype']}, "
+        "fwd+bwd of a mean loss:",
+        f"  one process, whole logits:  {result['single_seconds'] * 1e3:8.1f} ms, extra peak "
+        f"{result['single_extra_peak'] / mib:7.1f} MiB (logits {result['logits_bytes'] / mib:.1f}"
+        " MiB)",
+    ]
+    for r, (s, p) in enumerate(zip(ranks, peaks)):
+        lines.append(f"  rank {r}, its slice:          {s * 1e3:8.1f} ms, extra peak "
+                     f"{(p or 0) / mib:7.1f} MiB")
+    lines.append(
+        f"  communicated per step: ours one all-gather, {result['ours_bytes_sent_per_rank']:,} "
+        f"bytes sent and {result['ours_bytes_received_per_rank']:,} received per rank; "
+        f"Megatron's three all-reduces of N float32: {result['megatron_allreduce_payload_bytes']:,}"
+        " bytes of payload (a ring all-reduce sends and receives ~2x its payload per rank)")
+    return "\n".join(lines)

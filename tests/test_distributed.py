@@ -1,0 +1,465 @@
+"""Vocab-parallel cross-entropy over torch.distributed (gloo, CPU): world sizes 2, 3 and 4, each
+in one spawn (a file rendezvous in tmp_path, a 60 s process-group timeout so that a bug fails
+instead of hanging). Every case holds the result to torch on the gathered logits in float64 (or
+to a float64 formula for z-loss and soft-capping); the loss must be bit-identical on every
+rank; collectives are counted; errors must be raised on every rank."""
+
+import datetime
+import json
+import math
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import softmax_ce
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+OPTION_SETS = [
+    {},
+    {"weight": True},
+    {"ignore": True},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 0.2, "weight": True, "ignore": True},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "ignore": True},
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle: torch on the whole logits, float64
+# ---------------------------------------------------------------------------------------------
+
+
+def truth(x, target, weight, reduction, label_smoothing, z_loss, softcap):
+    """torch's cross_entropy of the whole logits, plus z-loss and soft-capping written out."""
+    xc = softcap * torch.tanh(x / softcap) if softcap else x
+    rows = F.cross_entropy(xc, target, weight=weight, reduction="none",
+                           label_smoothing=label_smoothing)
+    prob = target.is_floating_point()
+    if z_loss:
+        lse = torch.logsumexp(xc, dim=1 if x.dim() >= 2 else 0)
+        valid = torch.ones_like(rows, dtype=torch.bool) if prob else target != -100
+        rows = rows + torch.where(valid, z_loss * lse * lse, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if prob:
+        return rows.sum() / rows.numel()
+    valid = target != -100
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    w_y = weight[safe] if weight is not None else torch.ones_like(rows)
+    return rows.sum() / torch.where(valid, w_y, torch.zeros_like(w_y)).sum()
+
+
+def local_slice(x, rank, c_local, dim=1):
+    return x.narrow(dim, rank * c_local, c_local)
+
+
+def check_case(rank, world, group, shape, dtype, options, reduction, prob, seed, gap=0.0,
+               owned_by=None, tol=None):
+    """One case: the loss and this rank's gradient slice against the truth; returns the loss's
+    bits (compared across ranks by the test)."""
+    g = torch.Generator().manual_seed(seed)
+    class_dim = 1 if len(shape) >= 2 else 0
+    C = shape[class_dim]
+    c_local = C // world
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    if gap:  # rank r's classes sit r * gap higher
+        offsets = torch.arange(C, dtype=torch.float64) // c_local * gap
+        x = x + offsets.view([-1] + [1] * (len(shape) - class_dim - 1))
+    x = x.to(dtype).double()  # the oracle sees the values the ranks hold
+    tshape = [s for i, s in enumerate(shape) if i != class_dim]
+    if prob:
+        target = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64),
+                               class_dim).to(dtype).double()
+    else:
+        high = c_local if owned_by is not None else C
+        target = torch.randint(0, high, tshape, generator=g)
+        if owned_by is not None:
+            target = target + owned_by * c_local
+        if options.get("ignore") and target.dim() > 0:
+            target.view(-1)[::3] = -100
+    weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype).double() \
+        if options.get("weight") else None
+    eps, z, cap = (options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
+                   options.get("softcap"))
+    xf = x.clone().requires_grad_()
+    expected = truth(xf, target, weight, reduction, eps, z, cap or 0.0)
+    expected.sum().backward()
+
+    xl = local_slice(x, rank, c_local, class_dim).to(dtype).clone().requires_grad_()
+    tl = local_slice(target, rank, c_local, class_dim).to(dtype) if prob else target
+    wl = weight.to(dtype) if weight is not None else None
+    loss = softmax_ce.cross_entropy(xl, tl, wl, reduction=reduction, label_smoothing=eps,
+                                    z_loss=z, softcap=cap, process_group=group)
+    loss.sum().backward()
+    rtol, atol = tol or ((1e-10, 1e-12) if dtype == torch.float64 else (2e-2, 2e-3))
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=atol,
+                               equal_nan=True)
+    torch.testing.assert_close(xl.grad.double(),
+                               local_slice(xf.grad, rank, c_local, class_dim),
+                               rtol=rtol, atol=atol, equal_nan=True)
+    return loss.detach().double().reshape(-1).numpy().tobytes().hex()
+
+
+# ---------------------------------------------------------------------------------------------
+# the cases (each runs on every rank; a returned value is compared across ranks)
+# ---------------------------------------------------------------------------------------------
+
+
+def case_parity_float64(rank, world, group):
+    bits = []
+    seed = 0
+    for shape in [(7, 4 * world), (3, 2 * world, 4), (3 * world,)]:
+        for prob in (False, True):
+            for options in OPTION_SETS:
+                if prob and options.get("ignore"):
+                    continue
+                for reduction in ("mean", "sum", "none"):
+                    seed += 1
+                    bits.append(check_case(rank, world, group, shape, torch.float64, options,
+                                           reduction, prob, seed))
+    return bits
+
+
+def case_half_and_float32(rank, world, group):
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for prob in (False, True):
+            options = {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3}
+            out.append(check_case(rank, world, group, (16, 8 * world), dtype, options, "mean",
+                                  prob, 101))
+    return out
+
+
+def case_ranks_without_targets_and_gaps(rank, world, group):
+    out = []
+    for owner in (0, world - 1):  # every target on one rank: the others own none
+        out.append(check_case(rank, world, group, (9, 5 * world), torch.float64,
+                              {"label_smoothing": 0.1}, "mean", False, 7, owned_by=owner))
+    for dtype, tol in ((torch.float64, None), (torch.float32, (1e-5, 1e-6))):
+        for gap in (1000.0, -1000.0):  # one rank's logits dominate the others' entirely
+            out.append(check_case(rank, world, group, (6, 4 * world), dtype,
+                                  {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-4},
+                                  "sum", False, 8, gap=gap, tol=tol))
+    return out
+
+
+def case_every_position_ignored(rank, world, group):
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.full((5,), -100)
+    mean = softmax_ce.cross_entropy(x, target, process_group=group)
+    assert torch.isnan(mean), mean  # torch: 0 / 0
+    total = softmax_ce.cross_entropy(x, target, reduction="sum", process_group=group)
+    total.backward()
+    assert total.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    return [mean.item() != mean.item(), total.item()]
+
+
+def case_collective_count(rank, world, group):
+    names = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+             "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather",
+             "scatter", "reduce", "barrier"]
+    calls = []
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def counting(name, f):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return f(*args, **kwargs)
+        return wrapper
+
+    for n, f in originals.items():
+        setattr(dist, n, counting(n, f))
+    try:
+        counts = {}
+        C = 4 * world
+        for reduction in ("mean", "none"):
+            x = torch.randn(6, C // world, requires_grad=True)
+            t = torch.randint(0, C, (6,))
+            del calls[:]
+            loss = softmax_ce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1,
+                                            z_loss=1e-3, process_group=group)
+            counts[f"ce {reduction} forward"] = list(calls)
+            del calls[:]
+            loss.sum().backward()
+            counts[f"ce {reduction} backward"] = list(calls)
+        h = torch.randn(6, 3, requires_grad=True)
+        w = torch.randn(C // world, 3, requires_grad=True)
+        t = torch.randint(0, C, (6,))
+        del calls[:]
+        loss = softmax_ce.linear_cross_entropy(h, w, t, process_group=group)
+        counts["linear forward"] = list(calls)
+        del calls[:]
+        loss.backward()
+        counts["linear backward"] = list(calls)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+    gather = [originals_name for originals_name in ("all_gather_single", "all_gather_into_tensor")
+              if originals_name in originals][0]
+    assert counts["ce mean forward"] == [gather], counts
+    assert counts["ce mean backward"] == [], counts
+    assert counts["ce none forward"] == [gather], counts
+    assert counts["ce none backward"] == [], counts
+    assert counts["linear forward"] == [gather, "all_reduce"], counts
+    assert counts["linear backward"] == [], counts
+    return counts
+
+
+def case_inplace_and_module(rank, world, group):
+    C = 4 * world
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, C, generator=g, dtype=torch.float64)
+    t = torch.randint(0, C, (6,), generator=g)
+    xf = x.clone().requires_grad_()
+    F.cross_entropy(xf, t, label_smoothing=0.1).backward()
+    leaf = local_slice(x, rank, C // world).clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf: its storage may take the gradient
+    loss_fn = softmax_ce.nn.CrossEntropyLoss(label_smoothing=0.1, inplace_backward=True,
+                                             process_group=group)
+    loss = loss_fn(logits, t)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, local_slice(xf.grad, rank, C // world), rtol=1e-10,
+                               atol=1e-12)
+    # the logits' storage now holds the gradient
+    torch.testing.assert_close(logits.detach(), leaf.grad, rtol=0, atol=0)
+    return loss.item()
+
+
+def _expect_error(kind, match, f):
+    try:
+        f()
+    except kind as error:
+        assert match in str(error), str(error)
+        return f"{kind.__name__}: {match}"
+    raise AssertionError(f"no {kind.__name__} raised")
+
+
+def case_errors_on_every_rank(rank, world, group):
+    out = []
+    # rank 0 holds one class more than the others
+    c_local = 4 + (1 if rank == 0 else 0)
+    x = torch.randn(5, c_local, requires_grad=True)
+    t = torch.randint(0, 4, (5,))
+    out.append(_expect_error(RuntimeError, "of the same size", lambda: softmax_ce.cross_entropy(
+        x, t, process_group=group)))
+    # a target outside the global range (same target on every rank)
+    x = torch.randn(5, 4, requires_grad=True)
+    bad = torch.tensor([0, 1, 4 * world, 2, 3])
+    out.append(_expect_error(IndexError, f"Target {4 * world} is out of bounds",
+                             lambda: softmax_ce.cross_entropy(x, bad, process_group=group)))
+    # only the last rank passes a weight of the wrong size: every rank raises
+    w = torch.ones(4 * world + (1 if rank == world - 1 else 0))
+    if rank == world - 1:
+        out.append(_expect_error(RuntimeError, "weight tensor should be defined",
+                                 lambda: softmax_ce.cross_entropy(x, t, w, process_group=group)))
+    else:
+        out.append(_expect_error(RuntimeError, f"rank(s) [{world - 1}]",
+                                 lambda: softmax_ce.cross_entropy(x, t, w, process_group=group)))
+    # options that differ between ranks
+    out.append(_expect_error(RuntimeError, "disagree on label_smoothing",
+                             lambda: softmax_ce.cross_entropy(
+                                 x, t, label_smoothing=0.1 * (rank + 1), process_group=group)))
+    # transforms that this path does not support: an error, never a number
+    out.append(_expect_error(NotImplementedError, "torch.func",
+                             lambda: torch.func.grad(lambda y: softmax_ce.cross_entropy(
+                                 y, t, process_group=group))(x.detach())))
+    # a second backward through the gradient formed in the forward
+    loss = softmax_ce.cross_entropy(x, t, process_group=group)
+    loss.backward(retain_graph=True)
+    out.append(_expect_error(RuntimeError, "second backward", lambda: loss.backward()))
+    # after all of that the group still works
+    loss = softmax_ce.cross_entropy(x, t, process_group=group)
+    out.append(loss.item())
+    return out
+
+
+def case_dtensor(rank, world, group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    out = []
+    mesh = init_device_mesh("cpu", (world,))
+    C = 4 * world - 1  # uneven shards: DTensor's split
+    g = torch.Generator().manual_seed(5)
+    for prob in (False, True):
+        for options in ({}, {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3,
+                             "softcap": 4.0}):
+            x = torch.randn(6, C, generator=g, dtype=torch.float64)
+            target = (torch.softmax(torch.randn(6, C, generator=g, dtype=torch.float64), 1)
+                      if prob else torch.randint(0, C, (6,), generator=g))
+            weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+                      if options.get("weight") else None)
+            eps, z, cap = (options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
+                           options.get("softcap"))
+            xf = x.clone().requires_grad_()
+            expected = truth(xf, target, weight, "mean", eps, z, cap or 0.0)
+            expected.backward()
+            xd = distribute_tensor(x.clone(), mesh, [Shard(1)]).requires_grad_()
+            td = distribute_tensor(target, mesh, [Replicate()]) if prob else target
+            loss = softmax_ce.cross_entropy(xd, td, weight, label_smoothing=eps, z_loss=z,
+                                            softcap=cap)
+            assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+            loss.backward()
+            assert isinstance(xd.grad, DTensor) and xd.grad.placements == (Shard(1),)
+            torch.testing.assert_close(loss.to_local(), expected.detach(), rtol=1e-10,
+                                       atol=1e-12)
+            torch.testing.assert_close(xd.grad.full_tensor(), xf.grad, rtol=1e-10, atol=1e-12)
+            out.append(loss.to_local().item().hex())
+    if world == 4:  # the TP dimension of a 2-D mesh
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+        t = torch.randint(0, 6, (5,), generator=g)
+        xf = x.clone().requires_grad_()
+        F.cross_entropy(xf, t).backward()
+        xd = distribute_tensor(x.clone(), mesh2, [Replicate(), Shard(1)]).requires_grad_()
+        loss = softmax_ce.cross_entropy(xd, t)
+        loss.backward()
+        torch.testing.assert_close(loss.to_local(), F.cross_entropy(x, t), rtol=1e-10, atol=0)
+        torch.testing.assert_close(xd.grad.full_tensor(), xf.grad, rtol=1e-10, atol=1e-12)
+        out.append(loss.to_local().item().hex())
+    # a placement this path does not take: an error, not a number
+    xd = distribute_tensor(torch.randn(4 * world, 5), mesh, [Shard(0)])
+    out.append(_expect_error(NotImplementedError, "sharded on the class dimension",
+                             lambda: softmax_ce.cross_entropy(xd, torch.zeros(4 * world,
+                                                                              dtype=torch.long))))
+    return out
+
+
+def case_linear(rank, world, group):
+    out = []
+    g = torch.Generator().manual_seed(9)
+    C = 5 * world
+    c_local = C // world
+    for prob in (False, True):
+        for options in ({}, {"weight": True, "label_smoothing": 0.1, "ignore": True},
+                        {"z_loss": 1e-3, "softcap": 4.0}):
+            if prob and options.get("ignore"):
+                continue
+            for reduction in ("mean", "sum", "none"):
+                x = torch.randn(11, 6, generator=g, dtype=torch.float64)
+                W = torch.randn(C, 6, generator=g, dtype=torch.float64)
+                b = torch.randn(C, generator=g, dtype=torch.float64)
+                if prob:
+                    target = torch.softmax(torch.randn(11, C, generator=g, dtype=torch.float64),
+                                           1)
+                else:
+                    target = torch.randint(0, C, (11,), generator=g)
+                    if options.get("ignore"):
+                        target[::4] = -100
+                weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+                          if options.get("weight") else None)
+                eps, z, cap = (options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
+                               options.get("softcap"))
+                xf, Wf, bf = (a.clone().requires_grad_() for a in (x, W, b))
+                expected = truth(F.linear(xf, Wf, bf), target, weight, reduction, eps, z,
+                                 cap or 0.0)
+                expected.sum().backward()
+                xl = x.clone().requires_grad_()
+                Wl = local_slice(W, rank, c_local, 0).clone().requires_grad_()
+                bl = local_slice(b, rank, c_local, 0).clone().requires_grad_()
+                tl = local_slice(target, rank, c_local) if prob else target
+                loss = softmax_ce.linear_cross_entropy(
+                    xl, Wl, tl, linear_bias=bl, weight=weight, reduction=reduction,
+                    label_smoothing=eps, z_loss=z, softcap=cap, chunk_size=4,
+                    process_group=group)
+                loss.sum().backward()
+                close = dict(rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(loss, expected.detach(), **close)
+                torch.testing.assert_close(xl.grad, xf.grad, **close)  # summed over ranks
+                torch.testing.assert_close(Wl.grad, local_slice(Wf.grad, rank, c_local, 0),
+                                           **close)
+                torch.testing.assert_close(bl.grad, local_slice(bf.grad, rank, c_local, 0),
+                                           **close)
+                out.append(loss.detach().reshape(-1).numpy().tobytes().hex())
+    return out
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
+        self.head = torch.nn.Linear(16, 10, bias=False)
+
+    def forward(self, x, y, which):
+        h = self.body(x)
+        if which == "linear":
+            return softmax_ce.linear_cross_entropy(h, self.head.weight, y, label_smoothing=0.1)
+        loss = F.cross_entropy if which == "torch" else softmax_ce.cross_entropy
+        return loss(self.head(h), y, label_smoothing=0.1)
+
+
+def case_ddp(rank, world, group):
+    """Plain data parallel (each rank its own batch, the whole head), two ranks: our loss and
+    the fused linear cross-entropy under DistributedDataParallel give torch's gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if world != 2:
+        return None
+    grads = {}
+    for which in ("torch", "ours", "linear"):
+        torch.manual_seed(0)
+        model = DDP(_Net().double(), process_group=group)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        x = torch.randn(12, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (12,), generator=g)
+        model(x, y, which).backward()  # DDP averages the gradients over the ranks
+        grads[which] = [p.grad.clone() for p in model.parameters()]
+    for which in ("ours", "linear"):
+        for a, b in zip(grads[which], grads["torch"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    return [float(g.sum()) for g in grads["torch"]]
+
+
+SUITES = {
+    "all": [case_parity_float64, case_half_and_float32, case_ranks_without_targets_and_gaps,
+            case_every_position_ignored, case_collective_count, case_inplace_and_module,
+            case_errors_on_every_rank, case_dtensor, case_linear, case_ddp],
+}
+
+
+def _worker(rank, world, folder, suite):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for case in SUITES[suite]:
+            try:
+                results[case.__name__] = {"ok": True, "value": case(rank, world,
+                                                                   dist.group.WORLD)}
+            except Exception:  # noqa: BLE001 (reported to the test)
+                results[case.__name__] = {"ok": False, "error": traceback.format_exc()}
+    finally:
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _spawn(world, folder, suite):
+    mp.spawn(_worker, args=(world, str(folder), suite), nprocs=world, join=True)
+    results = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
+    failures = [f"rank {r}, {name}:\n{res['error']}" for r, per_rank in enumerate(results)
+                for name, res in per_rank.items() if not res["ok"]]
+    assert not failures, "\n".join(failures)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_vocab_parallel(world, tmp_path):
+    results = _spawn(world, tmp_path, "all")
+    assert set(results[0]) == {case.__name__ for case in SUITES["all"]}
+    for name in results[0]:  # the loss is bit-identical on every rank
+        for r in range(1, world):
+            assert results[r][name]["value"] == results[0][name]["value"] or \
+                name in ("case_errors_on_every_rank",), (name, r)
