@@ -104,14 +104,25 @@ def _slice_stats(xa: Tensor):
     return ref, torch.where(poison, torch.full_like(lse_r, math.nan), lse_r)
 
 
+def _weight_slice(w: Optional[Tensor], plan: Plan) -> Optional[Tensor]:
+    return w[plan.offset:plan.offset + plan.size] if w is not None else None
+
+
+def _ownership(t: Tensor, opts, plan: Plan):
+    """(valid, owned, local): positions not ignored, those whose target class lies in this rank's
+    slice, and that class's index within the slice (0 elsewhere)."""
+    lo, C_l = plan.offset, plan.size
+    valid = t != opts.ignore_index
+    owned = valid & (t >= lo) & (t < lo + C_l)
+    return valid, owned, torch.where(owned, t - lo, torch.zeros_like(t)).long()
+
+
 def _index_payload(xa, t, w_slice, opts, plan):
     """Columns [lse_r, ref_r, q_r, P_r] (float64, ``[n * inner, 4]``) and the number of targets
     outside [0, C) with the first of them, for class-index targets ``t`` ``[n, inner]``."""
-    lo, C_l = plan.offset, plan.size
+    C_l = plan.size
     ref, lse_r = _slice_stats(xa)
-    valid = t != opts.ignore_index
-    owned = valid & (t >= lo) & (t < lo + C_l)
-    local = torch.where(owned, t - lo, torch.zeros_like(t)).long()
+    valid, owned, local = _ownership(t, opts, plan)
     if C_l > 0:
         x_y = xa.gather(1, local.unsqueeze(1)).squeeze(1)
         q = torch.where(owned, (ref - x_y).double(), torch.zeros_like(lse_r))
@@ -227,7 +238,8 @@ def _global_lse(data: Tensor) -> Tensor:
 
 
 def _rank_sums(data: Tensor, lse: Tensor, slice_w: Tensor, column: int) -> Tensor:
-    """sum over ranks, in rank order, of slice_w_r (lse - ref_r) + data[r, :, column]."""
+    """sum over ranks, in rank order, of slice_w_r (lse - ref_r) + data[r, :, column]
+    (slice_w_r: a number per rank, or per rank and position)."""
     total = torch.zeros_like(lse)
     for r in range(data.shape[0]):
         total = total + (slice_w[r] * (lse - data[r, :, 1]) + data[r, :, column])
@@ -240,9 +252,14 @@ def _owner(t: Tensor, plan: Plan) -> Tensor:
 
 
 class Combined(NamedTuple):
-    loss: Tensor  # per position, float64
+    loss: Optional[Tensor]  # per position, float64
     lse: Tensor  # per position, float64
     row_coef: Tensor  # per position: the coefficient of p_c in the gradient, float64 (before g)
+    ref: Tensor  # per position: this rank's slice maximum (its ref_r), float64
+
+    def rows(self, start: int, end: int) -> "Combined":
+        return Combined(None, self.lse[start:end], self.row_coef[start:end],
+                        self.ref[start:end])
 
 
 def _combine_index(data, t, w, opts, plan) -> Combined:
@@ -269,21 +286,17 @@ def _combine_index(data, t, w, opts, plan) -> Combined:
         loss = loss + opts.z_loss * lse * lse
     zero = torch.zeros_like(loss)
     coef = (1 - eps) * w_y + (eps / C) * w_total + 2 * opts.z_loss * lse
-    return Combined(torch.where(valid, loss, zero), lse, torch.where(valid, coef, zero))
+    return Combined(torch.where(valid, loss, zero), lse, torch.where(valid, coef, zero),
+                    data[plan.rank, :, 1])
 
 
 def _combine_prob(data, opts, plan) -> Combined:
     lse = _global_lse(data)
-    B = data[:, :, 3]
-    loss = torch.zeros_like(lse)
-    for r in range(data.shape[0]):
-        loss = loss + (B[r] * (lse - data[r, :, 1]) + data[r, :, 2])
+    B = data[:, :, 3]  # per rank and position
+    loss = _rank_sums(data, lse, B, 2)
     if opts.z_loss > 0:
         loss = loss + opts.z_loss * lse * lse
-    S = torch.zeros_like(lse)
-    for r in range(data.shape[0]):
-        S = S + B[r]
-    return Combined(loss, lse, S + 2 * opts.z_loss * lse)
+    return Combined(loss, lse, B.sum(dim=0) + 2 * opts.z_loss * lse, data[plan.rank, :, 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,43 +304,38 @@ def _combine_prob(data, opts, plan) -> Combined:
 # ---------------------------------------------------------------------------------------------
 
 
-def _slice_grad(x3, t, w_slice, combined_lse, coef, g, opts, plan, prob, out=None):
+def _slice_grad(x3, t, w_slice, comb, g, opts, plan, prob, out=None):
     """The gradient of this rank's slice ``x3`` ``[n, C_l, inner]`` for the upstream gradient
-    ``g`` per position (``[n, inner]``, float64): g [coef p_c - (eps/C) w_c - (1-eps) w_y [c=y]]
+    ``g`` per position (``[n, inner]``, float64), from the combined statistics ``comb`` (global
+    lse, row coefficient, this slice's maximum): g [coef p_c - (eps/C) w_c - (1-eps) w_y [c=y]]
     (class indices; the true-class term only where this rank owns y) or g [coef p_c - b_c]
     (probabilities), times the soft-cap's derivative. ``out``: where to write it (x3 itself for
     the in-place option), else a new tensor in x3's dtype."""
     n, C_l, inner = x3.shape
-    acc = acc_dtype(x3.dtype)
-    xa = capped(x3, opts.softcap)
-    if C_l:
-        m = xa.amax(dim=1)
-        ref = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = combined_lse.view(n, inner)
     if C_l == 0:
         return torch.empty_like(x3) if out is None else out
-    shift = (lse - ref.double()).to(acc)  # small: x - lse as (x - ref) - (lse - ref)
+    acc = acc_dtype(x3.dtype)
+    th = torch.tanh(x3.to(acc) / opts.softcap) if opts.softcap > 0 else None
+    xa = opts.softcap * th if th is not None else x3.to(acc)
+    ref = comb.ref.view(n, inner)
+    shift = (comb.lse.view(n, inner) - ref).to(acc)  # small: x - lse as (x - ref) - (lse - ref)
     gg = g.view(n, inner)
-    grad = (xa - ref.unsqueeze(1)).sub_(shift.unsqueeze(1)).exp_()  # p, in one new buffer
-    grad.mul_((gg * coef.view(n, inner)).to(acc).unsqueeze(1))
+    grad = (xa - ref.to(acc).unsqueeze(1)).sub_(shift.unsqueeze(1)).exp_()  # p, one new buffer
+    grad.mul_((gg * comb.row_coef.view(n, inner)).to(acc).unsqueeze(1))
     eps, C = opts.label_smoothing, plan.classes
     if prob:
         grad.sub_(gg.to(acc).unsqueeze(1) * _smoothed_slice(t, w_slice, eps, C))
     else:
-        lo = plan.offset
-        valid = t != opts.ignore_index
+        valid, owned, local = _ownership(t, opts, plan)
         if eps > 0:
             w = w_slice.view(1, C_l, 1) if w_slice is not None else 1.0
             gv = torch.where(valid, gg, torch.zeros_like(gg)).to(acc)
             grad.sub_((eps / C) * gv.unsqueeze(1) * w)
-        owned = valid & (t >= lo) & (t < lo + C_l)
-        local = torch.where(owned, t - lo, torch.zeros_like(t)).long()
         w_y = (w_slice[local] if w_slice is not None
                else torch.ones(local.shape, dtype=acc, device=x3.device))
         true = torch.where(owned, gg.to(acc) * (1 - eps) * w_y, torch.zeros_like(w_y))
         grad.scatter_add_(1, local.unsqueeze(1), -true.unsqueeze(1))
-    if opts.softcap > 0:
-        th = torch.tanh(x3.to(acc) / opts.softcap)
+    if th is not None:
         grad.mul_(1 - th * th)
     if out is not None:
         out.copy_(grad)
@@ -342,8 +350,7 @@ def _slice_grad(x3, t, w_slice, combined_lse, coef, g, opts, plan, prob, out=Non
 
 def _forward(x3, t, w, opts, plan, prob, fn):
     """Per-position loss and (lse, row coefficient) for this rank's slice: one collective."""
-    lo, C_l = plan.offset, plan.size
-    w_slice = w[lo:lo + C_l] if w is not None else None
+    w_slice = _weight_slice(w, plan)
     xa = capped(x3, opts.softcap)
     if prob:
         payload, bad = _prob_payload(xa, t, w_slice, opts, plan), None
@@ -367,15 +374,16 @@ class _VocabParallelReduced(torch.autograd.Function):
             total = fixed_order_sum(comb.loss.reshape(-1))
             scale = (1.0 / denom.double() if reduction == "mean"
                      else torch.ones((), dtype=torch.float64, device=x3.device))
-            w_slice = w[plan.offset:plan.offset + plan.size] if w is not None else None
-            ctx.args = (t, w_slice, comb.lse, comb.row_coef, scale, opts, plan, prob)
+            w_slice = _weight_slice(w, plan)
+            comb = comb._replace(loss=None)
+            ctx.args = (t, w_slice, comb, scale, opts, plan, prob)
             ctx.inplace = inplace
             if inplace:
                 ctx.save_for_backward(x3)
                 ctx.grad = None
             else:
-                ctx.grad = _slice_grad(x3, t, w_slice, comb.lse, comb.row_coef,
-                                       scale.expand(comb.lse.shape), opts, plan, prob)
+                ctx.grad = _slice_grad(x3, t, w_slice, comb, scale.expand(comb.lse.shape), opts,
+                                       plan, prob)
         return (total * scale).to(acc_dtype(x3.dtype))
 
     @staticmethod
@@ -384,9 +392,9 @@ class _VocabParallelReduced(torch.autograd.Function):
         none = (None,) * 9
         if ctx.inplace:
             (x3,) = ctx.saved_tensors
-            t, w_slice, lse, coef, scale, opts, plan, prob = ctx.args
-            g = (scale * grad_loss.double()).expand(lse.shape)
-            _slice_grad(x3, t, w_slice, lse, coef, g, opts, plan, prob, out=x3)
+            t, w_slice, comb, scale, opts, plan, prob = ctx.args
+            g = (scale * grad_loss.double()).expand(comb.lse.shape)
+            _slice_grad(x3, t, w_slice, comb, g, opts, plan, prob, out=x3)
             torch.autograd.graph.increment_version(x3)
             return (x3,) + none
         grad = ctx.grad
@@ -404,18 +412,16 @@ class _VocabParallelRows(torch.autograd.Function):
     def forward(ctx, x3, t, w, opts, plan, prob, fn):
         with torch.no_grad():
             comb = _forward(x3, t, w, opts, plan, prob, fn)
-        ctx.save_for_backward(x3, t, w, comb.lse, comb.row_coef)
+        ctx.save_for_backward(x3, t, w, comb.lse, comb.row_coef, comb.ref)
         ctx.opts, ctx.plan, ctx.prob = opts, plan, prob
         return comb.loss.to(acc_dtype(x3.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows):
-        x3, t, w, lse, coef = ctx.saved_tensors
-        plan = ctx.plan
-        w_slice = w[plan.offset:plan.offset + plan.size] if w is not None else None
-        grad = _slice_grad(x3, t, w_slice, lse, coef, grad_rows.reshape(-1).double(), ctx.opts,
-                           plan, ctx.prob)
+        x3, t, w, lse, coef, ref = ctx.saved_tensors
+        grad = _slice_grad(x3, t, _weight_slice(w, ctx.plan), Combined(None, lse, coef, ref),
+                           grad_rows.reshape(-1).double(), ctx.opts, ctx.plan, ctx.prob)
         return grad, None, None, None, None, None, None
 
 
@@ -424,7 +430,7 @@ class _VocabParallelRows(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _unsupported_transforms(input, fn):
+def _unsupported_transforms(fn):
     """torch.func transforms, forward-mode AD and torch.compile would need rules for the
     collective that this path does not have: a clear error, never a number."""
     from . import ops
@@ -446,7 +452,7 @@ def vocab_parallel_cross_entropy(input, target, weight, reduction, opts, inplace
     argument checks (on the global shapes)."""
     from .functional import _kernel_layout, _mean_denominator
 
-    _unsupported_transforms(input, fn)
+    _unsupported_transforms(fn)
     outer, C_l, inner, spatial = _kernel_layout(input)
     prob = input.dim() > 0 and tuple(target.shape) == tuple(input.shape) \
         and target.is_floating_point()
@@ -490,8 +496,7 @@ def cross_entropy_over_group(input, target, weight, reduction, ignore_index, lab
     dimension (slices of one size, in rank order). torch's argument checks run on the global
     shapes (meta tensors); a rank whose checks fail still takes part in the collective, so that
     every rank raises instead of waiting."""
-    from .functional import (CeOptions, _check_extensions, _cross_entropy, _index,
-                             _inplace_allowed)
+    from .functional import CeOptions, _check_extensions, _index, _inplace_allowed
 
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"{fn}: process_group must be a torch.distributed.ProcessGroup, got "
@@ -632,8 +637,7 @@ def _linear_chunks(x, lin_w, lin_b, chunk):
 
 def _linear_forward(x, lin_w, lin_b, t, w, opts, plan, prob, chunk, fn):
     """The statistics pass over chunks, the one all-gather, the combination."""
-    lo, C_l = plan.offset, plan.size
-    w_slice = w[lo:lo + C_l] if w is not None else None
+    w_slice = _weight_slice(w, plan)
     N = x.shape[0]
     payload = torch.empty((N, 4), dtype=torch.float64, device=x.device)
     bad = torch.zeros(N, dtype=torch.bool, device=x.device) if not prob else None
@@ -654,18 +658,18 @@ def _linear_forward(x, lin_w, lin_b, t, w, opts, plan, prob, chunk, fn):
 def _linear_grads(x, lin_w, lin_b, t, w, comb, g, opts, plan, prob, chunk, needs):
     """The gradient pass (the GEMM recomputed per chunk): grad_input summed over the group (an
     all-reduce), grad_weight / grad_bias of this rank's slice."""
-    lo, C_l = plan.offset, plan.size
-    w_slice = w[lo:lo + C_l] if w is not None else None
+    w_slice = _weight_slice(w, plan)
     acc = acc_dtype(x.dtype)
     gx = torch.zeros_like(x, dtype=acc) if needs[0] else None
     gw = torch.zeros_like(lin_w, dtype=acc) if needs[1] else None
-    gb = torch.zeros(C_l, dtype=acc, device=x.device) if needs[2] else None
+    gb = torch.zeros(plan.size, dtype=acc, device=x.device) if needs[2] else None
+    lin_w_acc = lin_w.to(acc) if gx is not None else None  # once, not per chunk
     for s, e, logits in _linear_chunks(x, lin_w, lin_b, chunk):
         tt = t[s:e].unsqueeze(-1)
-        G = _slice_grad(logits, tt, w_slice, comb.lse[s:e], comb.row_coef[s:e], g[s:e], opts,
-                        plan, prob).squeeze(-1).to(acc)
+        G = _slice_grad(logits, tt, w_slice, comb.rows(s, e), g[s:e], opts, plan,
+                        prob).squeeze(-1).to(acc)
         if gx is not None:
-            gx[s:e] = G @ lin_w.to(acc)
+            gx[s:e] = G @ lin_w_acc
         if gw is not None:
             gw.addmm_(G.t(), x[s:e].to(acc))
         if gb is not None:
@@ -689,7 +693,8 @@ class _LinearVocabParallel(torch.autograd.Function):
             comb = _linear_forward(x, lin_w, lin_b, t, w, opts, plan, prob, chunk, fn)
             ctx.reduction = reduction
             if reduction == "none":
-                ctx.save_for_backward(x, lin_w, lin_b, t, w, comb.lse, comb.row_coef)
+                ctx.save_for_backward(x, lin_w, lin_b, t, w, comb.lse, comb.row_coef,
+                                      comb.ref)
                 ctx.args = (opts, plan, prob, chunk, needs)
                 return comb.loss.to(acc_dtype(x.dtype))
             total = fixed_order_sum(comb.loss)
@@ -704,9 +709,9 @@ class _LinearVocabParallel(torch.autograd.Function):
     def backward(ctx, grad_out):
         none = (None,) * 9
         if ctx.reduction == "none":
-            x, lin_w, lin_b, t, w, lse, coef = ctx.saved_tensors
+            x, lin_w, lin_b, t, w, lse, coef, ref = ctx.saved_tensors
             opts, plan, prob, chunk, needs = ctx.args
-            comb = Combined(None, lse, coef)
+            comb = Combined(None, lse, coef, ref)
             grads = _linear_grads(x, lin_w, lin_b, t, w, comb, grad_out.double(), opts, plan,
                                   prob, chunk, needs)
             return grads + none
@@ -726,7 +731,7 @@ def linear_cross_entropy_over_group(input, linear_weight, target, linear_bias, w
     ``target`` are replicated. Called by ``linear.linear_cross_entropy`` after its checks."""
     from .functional import _mean_denominator
 
-    _unsupported_transforms(input, fn)
+    _unsupported_transforms(fn)
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"{fn}: process_group must be a torch.distributed.ProcessGroup, got "
                         f"{type(process_group).__name__}")
@@ -754,7 +759,9 @@ def linear_cross_entropy_over_group(input, linear_weight, target, linear_bias, w
     w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
     N = x.shape[0]
     if chunk is None:
-        chunk = max(1, min(N, (16 << 20) // max(plan.size * x.element_size(), 1)))
+        from .linear import default_chunk_size
+
+        chunk = default_chunk_size(N, plan.size, x.shape[1], x.dtype, acc_dtype(x.dtype))
     if reduction == "mean":
         denom = (torch.full((), float(N), dtype=torch.float64, device=x.device) if prob
                  else _mean_denominator(t.view(N, 1), w, opts.ignore_index, plan.classes))

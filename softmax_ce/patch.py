@@ -17,7 +17,6 @@ DTensors go to torch's function, which dispatches them as before. Patches nest: 
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Optional
 
@@ -49,9 +48,7 @@ def _defer_to_torch(*tensors) -> bool:
     (sharded tensors, which our ops do not know how to split)."""
     if torch.overrides.has_torch_function_variadic(*tensors):
         return True
-    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before its import
-    cls = getattr(dtensor, "DTensor", None)
-    return cls is not None and any(isinstance(t, cls) for t in tensors)
+    return any(functional._is_dtensor(t) for t in tensors)
 
 
 _cross_entropy.__doc__ = (

@@ -103,16 +103,24 @@ def run(N=4096, C=32000, dtype_name="float32", world=2, rounds=5) -> dict:
     import torch.multiprocessing as mp
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_MMAP_THRESHOLD_"]  # the spawned ranks
     code = ("import json, sys; from softmax_ce.bench.distributed import _single; "
             "print(json.dumps(_single(*json.loads(sys.argv[1]))))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps([N, C, dtype_name, rounds])],
                           env=env, capture_output=True, text=True, check=True)
     single_s, single_peak = json.loads(proc.stdout.strip().splitlines()[-1])
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(world, folder, N, C, dtype_name, rounds), nprocs=world,
-                 join=True)
-        ranks = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_MMAP_THRESHOLD_"]  # the spawned ranks
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_worker, args=(world, folder, N, C, dtype_name, rounds), nprocs=world,
+                     join=True)
+            ranks = [json.load(open(os.path.join(folder, f"rank{r}.json")))
+                     for r in range(world)]
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     element = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype_name]
     return {
         "shape": [N, C], "dtype": dtype_name, "world": world,

@@ -181,10 +181,7 @@ def _fused_loss(model, hidden, shift_labels, num_items, ignore_index, chunk_size
         dtype = torch.get_autocast_dtype(device)
         h, lin_w = h.to(dtype), lin_w.to(dtype)
         lin_b = lin_b.to(dtype) if lin_b is not None else None
-        with torch.autocast(device, enabled=False):
-            loss = _linear_cross_entropy(h, lin_w, target, lin_b, None, reduction, ignore_index,
-                                         0.0, None, 0.0, softcap, chunk_size, None)
-    else:
+    with torch.autocast(device, enabled=False):  # the chunked path, in those dtypes
         loss = _linear_cross_entropy(h, lin_w, target, lin_b, None, reduction, ignore_index, 0.0,
                                      None, 0.0, softcap, chunk_size, None)
     # transformers computes the loss on float32 logits; float64 models keep their precision
