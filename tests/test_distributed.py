@@ -442,6 +442,10 @@ def _worker(rank, world, folder, suite):
     finally:
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
+        # every rank done before any closes its connections: without the barrier gloo (torch
+        # 2.13) aborts a process now and then ("terminate called without an active exception")
+        # when a peer tears down first, after all results were written
+        dist.barrier()
         dist.destroy_process_group()
 
 

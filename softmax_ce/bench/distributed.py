@@ -78,6 +78,7 @@ def _worker(rank, world, folder, N, C, dtype_name, rounds):
     seconds, peak = _step_stats(step, rounds)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump({"seconds": seconds, "peak": peak}, f)
+    dist.barrier()  # every rank done before any closes its connections (a gloo teardown race)
     dist.destroy_process_group()
 
 
