@@ -21,11 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Per-ISA CPU kernel variants (ATen's CPU_CAPABILITY convention): these files are compiled alone
 # with their own flags and chosen at run time, so a CPU without AVX-512 never runs AVX-512 code.
+# -ffp-contract=off: a multiply and an add are fused only where the code says so (fmadd), so one
+# formula written in two kernels (the fused forward+backward and the backward) rounds the same way
+# whatever the compiler inlines: the gradient they give is the same bits.
 ISA_FLAGS = {
-    "csrc/cpu/isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
-                              "-DCPU_CAPABILITY_AVX2"],
+    "csrc/cpu/isa_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off",
+                              "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "csrc/cpu/isa_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2",
-                                "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+                                "-mfma", "-mf16c", "-ffp-contract=off", "-DCPU_CAPABILITY=AVX512",
                                 "-DCPU_CAPABILITY_AVX512"],
 }
 X86 = platform.machine().lower() in ("x86_64", "amd64")

@@ -143,23 +143,4 @@ void run_ce(CeFn fn, const CeArgs& args, int64_t lanes) {
   run_units(args, lanes, [&](int64_t begin, int64_t end) { return fn(args, begin, end); });
 }
 
-void run_ce_fused(CeFn fwd, CeFn bwd, const CeArgs& args, int64_t lanes) {
-  // units per batch: 16384 logits (64 KB in float32, 32 KB in half types, 128 KB in float64), so
-  // the batch the forward just read is still in cache for the backward (a row may exceed it:
-  // then one row at a time)
-  constexpr int64_t kBatchElements = 16384;
-  const int64_t per_unit = std::max<int64_t>(1, args.C * (args.inner == 1 ? 1 : lanes));
-  const int64_t batch = std::max<int64_t>(1, kBatchElements / per_unit);
-  run_units(args, lanes, [&](int64_t begin, int64_t end) {
-    Status first;
-    for (int64_t b = begin; b < end; b += batch) {
-      const int64_t e = std::min(end, b + batch);
-      const Status s = fwd(args, b, e);
-      if (s.bad_target && !first.bad_target) first = s;
-      (void)bwd(args, b, e);  // a bad target gives NaN there; the forward reported it
-    }
-    return first;
-  });
-}
-
 }  // namespace softmax_ce::cpu

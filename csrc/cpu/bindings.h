@@ -42,8 +42,4 @@ int64_t work_units(int64_t outer, int64_t inner, int64_t lanes);
 // Runs fn over all units with at::parallel_for; raises torch's IndexError for a bad target.
 void run_ce(CeFn fn, const CeArgs& args, int64_t lanes);
 
-// As run_ce for the forward kernel and then the backward kernel (args.lse_in == args.lse_out),
-// alternating over small batches of units so that the backward finds them in cache.
-void run_ce_fused(CeFn fwd, CeFn bwd, const CeArgs& args, int64_t lanes);
-
 }  // namespace softmax_ce::cpu

@@ -93,8 +93,7 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
   return out;
 }
 
-// Forward and backward in one pass: each thread runs the forward kernel over a few work units,
-// then the backward kernel over the same units while their logits are still in its cache.
+// Forward and backward in one pass over memory (kernels/ce_fused.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps, double z,
@@ -111,8 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
   a.lse_in = a.lse_out;
   a.out = out.data_ptr();
   const KernelTable& k = kernels();
-  run_ce_fused(prob ? k.ce_prob_fwd : k.ce_fwd, prob ? k.ce_prob_bwd : k.ce_bwd, a,
-               k.block_lanes(a.dtype));
+  run_ce(prob ? k.ce_prob_fwd_bwd : k.ce_fwd_bwd, a, k.block_lanes(a.dtype));
   return {loss, lse, out};
 }
 

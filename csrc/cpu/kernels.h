@@ -67,6 +67,7 @@ struct KernelTable {
   const char* isa;
   int64_t (*block_lanes)(Dtype);  // inner positions per work unit when inner > 1
   CeFn ce_fwd, ce_bwd, ce_prob_fwd, ce_prob_bwd;
+  CeFn ce_fwd_bwd, ce_prob_fwd_bwd;  // the forward and the gradient (out) in one call
   SoftmaxFn softmax_fwd, softmax_bwd;
   SigmoidLoopFn sigmoid_fwd, sigmoid_bwd;
 };

@@ -22,6 +22,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../common/row_math.h"
 #include "kernels.h"
@@ -31,18 +32,19 @@ namespace SCE_ISA_NS {
 
 using at::vec::Vectorized;
 
+int64_t block_lanes(Dtype dtype) {
+  return dtype == Dtype::f64 ? 2 * Vectorized<double>::size() : 2 * Vectorized<float>::size();
+}
+
 // One topic per header (csrc/cpu/kernels/), in dependency order.
 #include "kernels/vec_math.h"
 #include "kernels/row_stats.h"
 #include "kernels/ce_forward.h"
 #include "kernels/ce_backward.h"
+#include "kernels/ce_fused.h"
 #include "kernels/ce_dispatch.h"
 #include "kernels/softmax.h"
 #include "kernels/sigmoid.h"
-
-int64_t block_lanes(Dtype dtype) {
-  return dtype == Dtype::f64 ? 2 * Vectorized<double>::size() : 2 * Vectorized<float>::size();
-}
 
 }  // namespace SCE_ISA_NS
 
@@ -54,6 +56,8 @@ const KernelTable& SCE_ISA_TABLE() {
       &SCE_ISA_NS::ce_bwd,
       &SCE_ISA_NS::ce_prob_fwd,
       &SCE_ISA_NS::ce_prob_bwd,
+      &SCE_ISA_NS::ce_fwd_bwd,
+      &SCE_ISA_NS::ce_prob_fwd_bwd,
       &SCE_ISA_NS::softmax_fwd,
       &SCE_ISA_NS::softmax_bwd,
       &SCE_ISA_NS::sigmoid_fwd,

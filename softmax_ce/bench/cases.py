@@ -38,8 +38,12 @@ DEFAULT_CASES = [
 FULL_CASES = [
     Case("llm-32k", (4096, 32000), "float32"),
     Case("llm-32k", (4096, 32000), "bfloat16"),
+    Case("llm-32k", (4096, 32000), "float16"),
     Case("llama3-vocab", (4096, 128256), "bfloat16"),
+    Case("llama3-vocab", (4096, 128256), "float16"),
     Case("classify-10", (65536, 10), "float32"),
+    Case("classify-10-batch", (64, 10), "float32"),
+    Case("imagenet-1k-batch", (256, 1000), "float32"),
     Case("imagenet-1k", (32768, 1000), "float32"),
     Case("segment-21", (16, 21, 128, 128), "float32"),
     Case("llm-head-32k", (4096, 1024, 32000), "float32", "linear_cross_entropy"),

@@ -60,12 +60,14 @@ class Record:
 
 
 class Timer:
-    """Wall time of fn on the CPU; on CUDA the GPU time between two events around fn, with a
-    spin kernel queued first so that the host has issued fn's launches before the GPU reaches
-    them: the time a training loop sees when the host runs ahead of the GPU (the host's own
-    per-call cost is hidden, as it is there; with an idle GPU it would be added)."""
+    """Wall time of fn on the CPU (for a call under MIN_SECONDS, the mean of a loop); on CUDA the
+    GPU time between two events around fn, with a spin kernel queued first so that the host has
+    issued fn's launches before the GPU reaches them: the time a training loop sees when the host
+    runs ahead of the GPU (the host's own per-call cost is hidden, as it is there; with an idle
+    GPU it would be added)."""
 
     SPIN_CYCLES = 2_000_000  # about 1 ms of GPU time: longer than any call's launch overhead
+    MIN_SECONDS = 0.005  # CPU: calls shorter than this are timed as the mean of a loop
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -83,7 +85,17 @@ class Timer:
             return start.elapsed_time(end)
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        once = time.perf_counter() - t0
+        if once >= self.MIN_SECONDS:
+            return once * 1e3
+        # a short call (a tiny shape, or the copy of a small tensor that defines its floor): the
+        # mean over a loop of calls lasting about MIN_SECONDS, as the perf_counter resolution and
+        # the timer's own cost would otherwise dominate
+        reps = min(10000, int(self.MIN_SECONDS / max(once, 1e-7)) + 1)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
 
 
 def copy_bandwidth(nbytes: int, device: str, timer: Timer) -> float:

@@ -28,22 +28,6 @@ struct CeDispatch {
   }
 };
 
-template <typename T, bool kCap, Dot kDot, bool kW>
-struct FwdKernel {
-  static Status run(const CeArgs& a, int64_t begin, int64_t end) {
-    return a.inner == 1 ? ce_fwd_rows<T, kCap, kDot, kW>(a, begin, end)
-                        : ce_fwd_blocks<T, kCap, kDot, kW>(a, begin, end);
-  }
-};
-
-template <typename T, bool kCap, Dot kDot, bool kW>
-struct BwdKernel {
-  static Status run(const CeArgs& a, int64_t begin, int64_t end) {
-    return a.inner == 1 ? ce_bwd_rows<T, kCap, kDot, kW>(a, begin, end)
-                        : ce_bwd_blocks<T, kCap, kDot, kW>(a, begin, end);
-  }
-};
-
 template <template <typename, bool, Dot, bool> class Kernel>
 Status ce_dispatch_dtype(const CeArgs& a, bool prob, int64_t begin, int64_t end) {
   switch (a.dtype) {
@@ -70,4 +54,10 @@ Status ce_prob_fwd(const CeArgs& a, int64_t b, int64_t e) {
 }
 Status ce_prob_bwd(const CeArgs& a, int64_t b, int64_t e) {
   return ce_dispatch_dtype<BwdKernel>(a, true, b, e);
+}
+Status ce_fwd_bwd(const CeArgs& a, int64_t b, int64_t e) {
+  return ce_dispatch_dtype<FusedKernel>(a, false, b, e);
+}
+Status ce_prob_fwd_bwd(const CeArgs& a, int64_t b, int64_t e) {
+  return ce_dispatch_dtype<FusedKernel>(a, true, b, e);
 }

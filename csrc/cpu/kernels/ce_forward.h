@@ -11,42 +11,55 @@
 // Cross-entropy forward
 // ------------------------------------------------------------------------------------------
 
+// One row's lse and loss from its statistics, written to lse_out / loss (class indices: the
+// target y, valid = not ignored; xr: the row's logits, for the target's). Returns the lse.
+template <typename T, bool kCap, Dot kDot, bool kW>
+inline double row_loss(const CeArgs& a, int64_t row, const RowStats<typename AccOf<T>::type>& st,
+                       const T* xr, int64_t y, bool valid) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t* w = static_cast<const acc_t*>(a.weight);
+  acc_t* loss = static_cast<acc_t*>(a.loss);
+  const Cap<acc_t> cap(a.softcap);
+  const acc_t eps = static_cast<acc_t>(a.eps);
+  const acc_t eps_c = a.C > 0 ? static_cast<acc_t>(a.eps / a.C) : 0;
+  const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
+  const acc_t log_s = std::log(st.S);
+  const double lse = lse_from_stats(st.M, log_s);
+  a.lse_out[row] = lse;
+  if constexpr (kDot == Dot::kProbabilities) {
+    (void)xr, (void)y, (void)valid, (void)w, (void)cap, (void)eps, (void)eps_c, (void)w_sum;
+    loss[row] = ce_prob_loss(st.M, log_s, st.A, st.D, z, lse);
+  } else if (!valid) {
+    loss[row] = 0;
+  } else {
+    const acc_t x_y = cap.value(to_acc(xr[y]));
+    const acc_t w_y = kW ? w[y] : acc_t(1);
+    loss[row] = ce_index_loss(st.M, log_s, x_y, w_y, st.D, w_sum, eps, eps_c, z, lse);
+  }
+  return lse;
+}
+
 template <typename T, bool kCap, Dot kDot, bool kW>
 Status ce_fwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<T>::type;
   const T* x = static_cast<const T*>(a.x);
   const T* prob = static_cast<const T*>(a.prob);
   const acc_t* w = static_cast<const acc_t*>(a.weight);
-  acc_t* loss = static_cast<acc_t*>(a.loss);
   const int64_t C = a.C;
   const Cap<acc_t> cap(a.softcap);
   const acc_t eps = static_cast<acc_t>(a.eps), eps_c = C > 0 ? static_cast<acc_t>(a.eps / C) : 0;
-  const acc_t z = static_cast<acc_t>(a.z), w_sum = static_cast<acc_t>(a.w_sum);
   for (int64_t row = begin; row < end; ++row) {
     const T* xr = x + row * C;
-    if constexpr (kDot == Dot::kProbabilities) {
-      const auto st = row_stats<T, kCap, Dot::kProbabilities, kW>(xr, prob + row * C, w, C, cap,
-                                                                  1 - eps, eps_c);
-      const acc_t log_s = std::log(st.S);
-      const double lse = lse_from_stats(st.M, log_s);
-      a.lse_out[row] = lse;
-      loss[row] = ce_prob_loss(st.M, log_s, st.A, st.D, z, lse);
-    } else {
-      const int64_t y = load_target(a, row);
-      const bool valid = y != a.ignore_index;
+    int64_t y = 0;
+    bool valid = true;
+    if constexpr (kDot != Dot::kProbabilities) {
+      y = load_target(a, row);
+      valid = y != a.ignore_index;
       if (valid && (y < 0 || y >= C)) return {true, y};
-      const auto st = row_stats<T, kCap, kDot, kW>(xr, nullptr, w, C, cap, 1 - eps, eps_c);
-      const acc_t log_s = std::log(st.S);
-      const double lse = lse_from_stats(st.M, log_s);
-      a.lse_out[row] = lse;
-      if (!valid) {
-        loss[row] = 0;
-        continue;
-      }
-      const acc_t x_y = cap.value(to_acc(xr[y]));
-      const acc_t w_y = kW ? w[y] : acc_t(1);
-      loss[row] = ce_index_loss(st.M, log_s, x_y, w_y, st.D, w_sum, eps, eps_c, z, lse);
     }
+    const T* tr = kDot == Dot::kProbabilities ? prob + row * C : nullptr;
+    const auto st = row_stats<T, kCap, kDot, kW>(xr, tr, w, C, cap, 1 - eps, eps_c);
+    row_loss<T, kCap, kDot, kW>(a, row, st, xr, y, valid);
   }
   return {};
 }

@@ -29,17 +29,26 @@ struct RowStats {
   acc_t M, S, D, A;
 };
 
-template <typename T, bool kCap, Dot kDot, bool kW>
+// kRowChunk: the chunk length of row_stats.
+constexpr int64_t kRowChunk = 2048;
+
+// kKeep (the fused forward+backward): the exponentials are kept, keep[c] = exp(x'_c - ref[k])
+// for c in chunk k = c / kRowChunk, ref[k] the running maximum after that chunk (-inf while every
+// logit so far is -inf; then keep is 0 there), so that the gradient needs no second exponential:
+// p_c = keep[c] exp(ref[k] - lse). Nothing is kept for a row whose maximum is not finite.
+template <typename T, bool kCap, Dot kDot, bool kW, bool kKeep = false>
 inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
                                                    const typename AccOf<T>::type* w, int64_t C,
                                                    const Cap<typename AccOf<T>::type>& cap,
                                                    typename AccOf<T>::type eps1,
-                                                   typename AccOf<T>::type eps_c) {
+                                                   typename AccOf<T>::type eps_c,
+                                                   typename AccOf<T>::type* keep = nullptr,
+                                                   typename AccOf<T>::type* ref = nullptr) {
   using acc_t = typename AccOf<T>::type;
   using V = Vectorized<acc_t>;
   using io = IO<T>;
   constexpr int64_t L = io::L;
-  constexpr int64_t K = 2048;
+  constexpr int64_t K = kRowChunk;
   static_assert(K % (2 * L) == 0, "chunk is a whole number of vector pairs");
   constexpr bool kBuf = kCap || !std::is_same_v<T, acc_t>;
   alignas(64) acc_t buf[kBuf ? K : 1];
@@ -96,15 +105,27 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
     }
     M = Mn;
     const bool do_exp = M != ninf;
+    if constexpr (kKeep) ref[c0 / K] = M;
+    acc_t* kc = kKeep ? keep + c0 : nullptr;
 
     // pass B: sums relative to the running maximum, over the chunk (now in L1)
     const V vm(M), vr(r_new), v_eps1(eps1), v_epsc(eps_c);
     V s_a(0), s_b(0), d_a(0), d_b(0), as_a(0), as_b(0);
     auto accumulate = [&](const V& a, const V& b, const V& a_dot, const V& b_dot, const V& ca,
-                          const V& cb) {
+                          const V& cb, int64_t off, int64_t cnt) {
       if (do_exp) {
-        s_a += vexp(a - vm);
-        s_b += vexp(b - vm);
+        const V ea = vexp(a - vm), eb = vexp(b - vm);
+        s_a += ea;
+        s_b += eb;
+        if constexpr (kKeep) {
+          if (cnt == 2 * L) {
+            IO<acc_t>::store(kc + off, ea, eb);
+          } else {
+            IO<acc_t>::store_n(kc + off, cnt, ea, eb);
+          }
+        }
+      } else if constexpr (kKeep) {
+        IO<acc_t>::store_n(kc + off, cnt, V(acc_t(0)), V(acc_t(0)));
       }
       if constexpr (kDot != Dot::kNone) {
         d_a = at::vec::fmadd(ca, vr - a_dot, d_a);
@@ -152,7 +173,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
         io::load(xc + j, a, b);
       }
       coefs(j, 2 * L, ca, cb);
-      accumulate(a, b, a, b, ca, cb);
+      accumulate(a, b, a, b, ca, cb, j, 2 * L);
     }
     if (rem > 0) {
       V a, b, ca, cb;
@@ -168,7 +189,7 @@ inline RowStats<typename AccOf<T>::type> row_stats(const T* x, const T* t,
       // unused lanes: x' = -inf (exp -> 0); for the dot they are replaced by r (r - r = 0)
       const V a_dot = V::set(vr, a, std::min(rem, L));
       const V b_dot = rem > L ? V::set(vr, b, rem - L) : vr;
-      accumulate(a, b, a_dot, b_dot, ca, cb);
+      accumulate(a, b, a_dot, b_dot, ca, cb, j, rem);
     }
     S += hsum(s_a + s_b);
     if constexpr (kDot != Dot::kNone) {

@@ -75,7 +75,8 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
 // On AVX-512: exp(x) = 2^n * 2^f with n = round(x log2 e), f in [-1/2, 1/2], 2^f by its degree-6
 // Taylor polynomial (relative error < 1.3e-7) and the scaling by vscalefps, which also handles
 // underflow (x = -inf is clamped to 2^-150 * p = 0). Fewer instructions than exp_u20, which
-// matters because the forward and backward are compute-bound at ~1 exp per element.
+// matters because the forward and backward are compute-bound at ~1 exp per element. On AVX2 the
+// same polynomial, scaled through the exponent bits.
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -92,6 +93,26 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return Vectorized<float>(_mm512_scalef_ps(p, n));
+#elif defined(CPU_CAPABILITY_AVX2)
+    // the same polynomial; 2^n from the exponent bits, (n + 127) << 23, with t clamped to
+    // [-127, 128]: n = -127 gives the bits of +0 (results below 2^-126 flush to 0, as x = -inf
+    // must), n = 128 those of +inf
+    const __m256 t = _mm256_min_ps(
+        _mm256_max_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                      _mm256_set1_ps(-127.0f)),
+        _mm256_set1_ps(128.0f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.540353039338161e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.333355814642844e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return Vectorized<float>(_mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 #else
     return v.exp_u20();
 #endif
