@@ -41,6 +41,7 @@ int64_t block_lanes(Dtype dtype) {
 #include "kernels/row_stats.h"
 #include "kernels/ce_forward.h"
 #include "kernels/ce_backward.h"
+#include "kernels/ce_narrow.h"
 #include "kernels/ce_fused.h"
 #include "kernels/ce_dispatch.h"
 #include "kernels/softmax.h"

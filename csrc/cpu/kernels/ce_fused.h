@@ -9,20 +9,25 @@
 #error "csrc/cpu/kernels/*.h are included by kernels_impl.h only"
 #endif
 
-// The forward and backward kernels by layout: rows (inner == 1) or blocks of inner positions.
+// The forward and backward kernels by layout: rows (inner == 1), narrow rows, or blocks of
+// inner positions.
 template <typename T, bool kCap, Dot kDot, bool kW>
 struct FwdKernel {
   static Status run(const CeArgs& a, int64_t begin, int64_t end) {
-    return a.inner == 1 ? ce_fwd_rows<T, kCap, kDot, kW>(a, begin, end)
-                        : ce_fwd_blocks<T, kCap, kDot, kW>(a, begin, end);
+    if (a.inner != 1) return ce_fwd_blocks<T, kCap, kDot, kW>(a, begin, end);
+    if (a.C <= kNarrowMaxC) return ce_narrow_rows<T, kCap, kDot, kW, Pass::kForward>(a, begin, end);
+    return ce_fwd_rows<T, kCap, kDot, kW>(a, begin, end);
   }
 };
 
 template <typename T, bool kCap, Dot kDot, bool kW>
 struct BwdKernel {
   static Status run(const CeArgs& a, int64_t begin, int64_t end) {
-    return a.inner == 1 ? ce_bwd_rows<T, kCap, kDot, kW>(a, begin, end)
-                        : ce_bwd_blocks<T, kCap, kDot, kW>(a, begin, end);
+    if (a.inner != 1) return ce_bwd_blocks<T, kCap, kDot, kW>(a, begin, end);
+    if (a.C <= kNarrowMaxC) {
+      return ce_narrow_rows<T, kCap, kDot, kW, Pass::kBackward>(a, begin, end);
+    }
+    return ce_bwd_rows<T, kCap, kDot, kW>(a, begin, end);
   }
 };
 
@@ -124,6 +129,9 @@ Status ce_fused_batches(const CeArgs& a, int64_t begin, int64_t end) {
 template <typename T, bool kCap, Dot kDot, bool kW>
 struct FusedKernel {
   static Status run(const CeArgs& a, int64_t begin, int64_t end) {
+    if (a.inner == 1 && a.C <= kNarrowMaxC) {
+      return ce_narrow_rows<T, kCap, kDot, kW, Pass::kBoth>(a, begin, end);
+    }
     if constexpr (!kCap) {
       if (a.inner == 1) return ce_fused_rows<T, kDot, kW>(a, begin, end);
     }
