@@ -301,30 +301,71 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         logits, target, weight, lse, grad_scale, fused = ctx.saved_tensors
-        prob, ignore_index, eps, z_loss, softcap = ctx.params
-        grad_logits = grad_target = None
-        grad_loss = grad_total * grad_scale  # upstream x d(reduced)/d(per-position loss)
-        if prob and ctx.needs_input_grad[1]:
-            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
-        if ctx.needs_input_grad[0]:
-            if not ctx.handed_over and not torch.is_grad_enabled():
-                ctx.handed_over = True
-                # Redone in its buffer for the actual upstream gradient (nothing when it is 1).
-                # The version counter is kept: the buffer is handed over, and a later backward
-                # (retain_graph) must still be able to unpack the saved tensors (it recomputes).
-                with torch.autograd._unsafe_preserve_version_counter(fused):
-                    if prob:
-                        ops.ce_prob_bwd_redo_(grad_total, grad_loss, logits, target, weight,
-                                                  lse, eps, z_loss, softcap, fused)
-                    else:
-                        ops.ce_bwd_redo_(grad_total, grad_loss, logits, target, weight, lse,
-                                             ignore_index, eps, z_loss, softcap, fused)
-                grad_logits = fused
-            else:
-                grad_logits = _CrossEntropyBackward.apply(
-                    grad_loss, logits, target, weight, lse, *ctx.params
-                )
+        grad_logits, grad_target = _reduced_backward(ctx, grad_total, logits, target, weight, lse,
+                                                     grad_scale, fused)
         return grad_logits, grad_target, None, None, None, None, None, None, None
+
+
+def _reduced_backward(ctx, grad_total, logits, target, weight, lse, grad_scale, fused):
+    """The backward of a reduced loss whose gradient was formed in the forward pass (``fused``,
+    for a unit upstream gradient): (grad of logits, grad of probability targets)."""
+    prob, ignore_index, eps, z_loss, softcap = ctx.params
+    grad_logits = grad_target = None
+    grad_loss = grad_total * grad_scale  # upstream x d(reduced)/d(per-position loss)
+    if prob and ctx.needs_input_grad[1]:
+        grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
+    if ctx.needs_input_grad[0]:
+        if not ctx.handed_over and not torch.is_grad_enabled():
+            ctx.handed_over = True
+            # Redone in its buffer for the actual upstream gradient (nothing when it is 1).
+            # The version counter is kept: the buffer is handed over, and a later backward
+            # (retain_graph) must still be able to unpack the saved tensors (it recomputes).
+            with torch.autograd._unsafe_preserve_version_counter(fused):
+                if prob:
+                    ops.ce_prob_bwd_redo_(grad_total, grad_loss, logits, target, weight,
+                                          lse, eps, z_loss, softcap, fused)
+                else:
+                    ops.ce_bwd_redo_(grad_total, grad_loss, logits, target, weight, lse,
+                                     ignore_index, eps, z_loss, softcap, fused)
+            grad_logits = fused
+        else:
+            grad_logits = _CrossEntropyBackward.apply(
+                grad_loss, logits, target, weight, lse, *ctx.params
+            )
+    return grad_logits, grad_target
+
+
+class HostReducedCrossEntropyFunction(torch.autograd.Function):
+    """``ReducedCrossEntropyFunction`` for the host fast path (``ops.ce_fwd_bwd_reduced``): [N, C]
+    logits and [N] class indices, the mean's denominator, the gradient and the fixed-order sum in
+    one call; the same backward (the gradient handed over, redone for an upstream gradient other
+    than 1, recomputed by a second or differentiable backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, mean):
+        total, lse, grad, grad_scale = ops.ce_fwd_bwd_reduced(
+            logits, target, weight, ignore_index, label_smoothing, z_loss, 0.0, mean)
+        ctx.save_for_backward(logits, target, weight, lse, grad_scale, grad)
+        ctx.params = (False, ignore_index, label_smoothing, z_loss, 0.0)
+        ctx.handed_over = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, target, weight, lse, grad_scale, fused = ctx.saved_tensors
+        if (not ctx.handed_over and ctx.needs_input_grad[0] and not torch.is_grad_enabled()
+                and grad_total.item() == 1.0):  # the common loss.backward(): hand it over as is
+            ctx.handed_over = True
+            return fused, None, None, None, None, None, None
+        N, C = logits.shape
+        if weight is not None:
+            weight = weight.to(acc_dtype(logits.dtype))
+        grad_logits, _ = _reduced_backward(
+            ctx, grad_total, logits.view(N, C, 1), target.view(N, 1), weight, lse,
+            grad_scale.expand(N, 1), fused.view(N, C, 1))
+        if grad_logits is not None:
+            grad_logits = grad_logits.view(N, C)
+        return grad_logits, None, None, None, None, None, None
 
 
 def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):

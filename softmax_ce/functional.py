@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .autograd import (
+    HostReducedCrossEntropyFunction,
     LogSoftmaxFunction,
     ReducedCrossEntropyFunction,
     SigmoidCrossEntropyFunction,
@@ -249,6 +250,12 @@ def cross_entropy(
     the forward pass (one read of the logits, one write of the gradient) and handed over by
     backward; see ``gradient_in_forward``.
     """
+    if (size_average is None and reduce is None and softcap is None and process_group is None
+            and not inplace_backward and (reduction == "mean" or reduction == "sum")):
+        loss = _host_cross_entropy(input, target, weight, ignore_index, label_smoothing, z_loss,
+                                   reduction == "mean")
+        if loss is not None:
+            return loss
     reduction = _reduction(size_average, reduce, reduction)
     if process_group is not None or _is_dtensor(input):
         from . import distributed
@@ -262,6 +269,41 @@ def cross_entropy(
             inplace_backward, process_group, "cross_entropy")
     return _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
                           softcap, inplace_backward, "cross_entropy")
+
+
+_HOST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _host_cross_entropy(input, target, weight, ignore_index, label_smoothing, z_loss, mean):
+    """The host fast path: the common call (CPU [N, C] logits, [N] int64 class indices, a mean or
+    sum, optional weight, label smoothing and z-loss) in one compiled call with the general
+    path's arithmetic (ops.HOST_SCHEMAS). None when the call is not that one (the general path
+    then runs, and raises where torch raises); the conditions read attributes only."""
+    if not (type(input) is Tensor and type(target) is Tensor and input.device.type == "cpu"
+            and input.dim() == 2 and target.dim() == 1 and target.dtype is torch.int64
+            and input.dtype in _HOST_DTYPES and input.layout is torch.strided
+            and target.device.type == "cpu" and target.shape[0] == input.shape[0]
+            and input.shape[0] > 0 and input.shape[1] > 0 and not input.is_nested
+            and type(ignore_index) is int and type(label_smoothing) in (float, int)
+            and 0.0 <= label_smoothing <= 1.0 and type(z_loss) in (float, int)
+            and 0.0 <= z_loss < math.inf):
+        return None
+    if weight is not None and not (
+            type(weight) is Tensor and weight.dtype is input.dtype and weight.dim() == 1
+            and weight.shape[0] == input.shape[1] and weight.device.type == "cpu"
+            and not weight.requires_grad):
+        return None
+    if (not ops.host_fast_path() or torch.compiler.is_compiling() or ops.functorch_active()
+            or torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")):
+        return None
+    if torch.is_grad_enabled() and input.requires_grad:
+        if not gradient_in_forward_enabled():
+            return None
+        loss = HostReducedCrossEntropyFunction.apply(
+            input, target, weight, ignore_index, float(label_smoothing), float(z_loss), mean)
+        return loss if loss.dtype is input.dtype else loss.to(input.dtype)
+    return ops.ce_reduced(input, target, weight, ignore_index, float(label_smoothing),
+                          float(z_loss), 0.0, mean)
 
 
 def _is_dtensor(t) -> bool:

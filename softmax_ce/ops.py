@@ -99,6 +99,39 @@ for _name, _schema in SCHEMAS.items():
     _lib.impl(_name, _non_differentiable(getattr(reference, _name)), "CompositeExplicitAutograd")
 
 
+# The host fast path of the compiled CPU kernels: a whole mean / sum cross-entropy of [N, C] logits
+# and [N] class indices in one call (``ce_reduced``: the loss; ``ce_fwd_bwd_reduced``: the loss,
+# lse, gradient and d(loss)/d(per-position loss)), and the fixed-order sum of float32 / float64
+# values (``fixed_sum``), all with the arithmetic of the general path in functional.py. CPU kernels
+# only, no reference, fake or vmap implementation: called only where ``host_fast_path()`` says the
+# kernels are there, in eager mode outside torch.func transforms (functional.py, fixed_sum.py).
+HOST_SCHEMAS = {
+    "fixed_sum": "fixed_sum(Tensor values) -> Tensor",
+    "ce_reduced": (
+        f"ce_reduced(Tensor logits, Tensor target, Tensor? weight, {_CE_ARGS}, bool mean) -> Tensor"
+    ),
+    "ce_fwd_bwd_reduced": (
+        f"ce_fwd_bwd_reduced(Tensor logits, Tensor target, Tensor? weight, {_CE_ARGS}, "
+        "bool mean) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+}
+
+for _schema in HOST_SCHEMAS.values():
+    _lib.define(_schema)
+
+
+def _fixed_sum_setup(ctx, inputs, output):
+    ctx.shape = inputs[0].shape
+
+
+def _fixed_sum_backward(ctx, grad):
+    return grad.expand(ctx.shape)
+
+
+torch.library.register_autograd("softmax_ce::fixed_sum", _fixed_sum_backward,
+                                setup_context=_fixed_sum_setup)
+
+
 # --------------------------------------------------------------------------------------------
 # Fake implementations: shapes and dtypes only, never data.
 # --------------------------------------------------------------------------------------------
@@ -328,6 +361,18 @@ def implementation(device="cpu", per_op: bool = False):
     return "compiled" if all(v == "compiled" for v in served.values()) else "reference"
 
 
+_host = [None]  # whether the host fast path's CPU kernels are registered (known after import)
+
+
+def host_fast_path() -> bool:
+    """Whether the host fast path (HOST_SCHEMAS) may run: its CPU kernels are registered and the
+    reference is not forced."""
+    if _host[0] is None:
+        _host[0] = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"softmax_ce::{name}", "CPU")
+                       for name in HOST_SCHEMAS)
+    return _host[0] and not _forced[0]
+
+
 def _make_caller(name):
     op = getattr(torch.ops.softmax_ce, name).default
     ref = getattr(reference, name)
@@ -356,3 +401,6 @@ softmax_fwd = _make_caller("softmax_fwd")
 softmax_bwd = _make_caller("softmax_bwd")
 sigmoid_ce_fwd = _make_caller("sigmoid_ce_fwd")
 sigmoid_ce_bwd = _make_caller("sigmoid_ce_bwd")
+fixed_sum = torch.ops.softmax_ce.fixed_sum.default
+ce_reduced = torch.ops.softmax_ce.ce_reduced.default
+ce_fwd_bwd_reduced = torch.ops.softmax_ce.ce_fwd_bwd_reduced.default

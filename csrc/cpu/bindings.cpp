@@ -112,6 +112,49 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 void empty_output_cache() { output_cache().clear(); }
 
+namespace {
+
+template <typename T>
+double chunk_sum(const T* p, int64_t n) {
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) s[k] += static_cast<double>(p[i + k]);
+  }
+  for (int k = 0; i < n; ++i, ++k) s[k] += static_cast<double>(p[i]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+template <typename T>
+T fixed_sum_of(const T* p, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  if (chunks <= 1) return static_cast<T>(chunk_sum(p, n));
+  std::vector<double> part(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      part[k] = chunk_sum(p + k * kChunk, std::min(kChunk, n - k * kChunk));
+    }
+  });
+  double s = 0;
+  for (const double v : part) s += v;
+  return static_cast<T>(s);
+}
+
+}  // namespace
+
+at::Tensor fixed_sum(const at::Tensor& values) {
+  TORCH_CHECK(values.device().is_cpu(), "softmax_ce: argument 'values' must be on the CPU");
+  const at::ScalarType st = values.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
+              "softmax_ce: argument 'values' must be float32 or float64, got ", st);
+  const at::Tensor v = values.contiguous();
+  if (st == at::kFloat) {
+    return at::scalar_tensor(fixed_sum_of(v.data_ptr<float>(), v.numel()), v.options());
+  }
+  return at::scalar_tensor(fixed_sum_of(v.data_ptr<double>(), v.numel()), v.options());
+}
+
 int64_t work_units(int64_t outer, int64_t inner, int64_t lanes) {
   return inner == 1 ? outer : outer * ((inner + lanes - 1) / lanes);
 }

@@ -36,6 +36,11 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 // Releases the cached output buffers (softmax_ce.empty_cache()).
 void empty_output_cache();
 
+// The sum of a float32 / float64 tensor's values as a 0-dim tensor of its dtype, in an order fixed
+// by the number of values alone (chunks of 4096 summed in double by eight accumulators each, then
+// the chunks in order): the same bits whatever the number of threads (softmax_ce::fixed_sum).
+at::Tensor fixed_sum(const at::Tensor& values);
+
 // Work units of a [outer, C, inner] kernel: rows when inner == 1, else blocks of lanes.
 int64_t work_units(int64_t outer, int64_t inner, int64_t lanes);
 

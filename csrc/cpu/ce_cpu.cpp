@@ -146,11 +146,105 @@ void backward_redo(const at::Tensor& upstream, const at::Tensor& grad_loss,
   backward(grad_loss, logits, target, weight, lse, ignore_index, eps, z, softcap, prob, out);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The host fast path (ops.HOST_SCHEMAS): a mean / sum cross-entropy of [N, C] logits and [N] class
+// indices in one call, with the same arithmetic as functional.py's general path (the mean's
+// denominator, the fixed-order sum through fixed_sum, the division, the cast), so either path
+// gives the same bits.
+// ---------------------------------------------------------------------------------------------
+
+void check_host_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.dim() == 2, "softmax_ce: argument 'logits' must be [N, C] (2-D), got ",
+              logits.dim(), "-D");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
+              "softmax_ce: argument 'target' must be [N] = [", logits.size(0), "], got ",
+              target.sizes());
+}
+
+// The mean's denominator: the number of kept positions, or the fixed-order sum of w[y] over
+// them (functional._mean_denominator); every kept class index range-checked.
+template <typename acc_t>
+acc_t mean_denominator(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index,
+                       int64_t C) {
+  const at::Tensor t = target.contiguous().to(at::kLong);
+  const int64_t* y = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < C), "Target ", y[i],
+                      " is out of bounds: argument 'target' must hold class indices in [0, ", C,
+                      ") or ignore_index (", ignore_index, ").");
+  }
+  if (!weight.defined()) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) kept += y[i] != ignore_index;
+    return static_cast<acc_t>(kept);
+  }
+  const acc_t* w = weight.data_ptr<acc_t>();
+  at::Tensor picked = at::empty({n}, weight.options());
+  acc_t* v = picked.data_ptr<acc_t>();
+  for (int64_t i = 0; i < n; ++i) v[i] = y[i] == ignore_index ? acc_t(0) : w[y[i]];
+  return fixed_sum(picked).item<acc_t>();
+}
+
+at::Tensor host_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  return weight->to(acc_type(logits.scalar_type())).contiguous();
+}
+
+at::Tensor ce_reduced(const at::Tensor& logits, const at::Tensor& target,
+                      const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                      double z, double softcap, bool mean) {
+  check_host_inputs(logits, target);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const at::Tensor w = host_weight(weight, logits);
+  const auto [loss, lse] = forward(logits.view({N, C, 1}), target.view({N, 1}), w, ignore_index,
+                                   eps, z, softcap, false);
+  const at::Tensor total = fixed_sum(loss);
+  if (logits.scalar_type() == at::kDouble) {
+    const double t = total.item<double>();
+    const double r = mean ? t / mean_denominator<double>(target, w, ignore_index, C) : t;
+    return at::scalar_tensor(r, logits.options());
+  }
+  const float t = total.item<float>();
+  const float r = mean ? t / mean_denominator<float>(target, w, ignore_index, C) : t;
+  return at::scalar_tensor(r, logits.options().dtype(at::kFloat)).to(logits.scalar_type());
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd_reduced_as(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& w,
+    int64_t ignore_index, double eps, double z, double softcap, bool mean) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const at::TensorOptions acc = logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t denom = mean ? mean_denominator<acc_t>(target, w, ignore_index, C) : acc_t(1);
+  const acc_t scale = mean ? acc_t(1) / denom : acc_t(1);
+  const at::Tensor grad_scale = at::scalar_tensor(scale, acc);
+  auto [loss, lse, grad] = forward_backward(grad_scale.expand({N, 1}), logits.view({N, C, 1}),
+                                            target.view({N, 1}), w, ignore_index, eps, z,
+                                            softcap, false);
+  const acc_t t = fixed_sum(loss).item<acc_t>();
+  return {at::scalar_tensor(mean ? t / denom : t, acc), lse, grad.view({N, C}), grad_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_bwd_reduced(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double eps, double z, double softcap, bool mean) {
+  check_host_inputs(logits, target);
+  const at::Tensor w = host_weight(weight, logits);
+  if (logits.scalar_type() == at::kDouble) {
+    return fwd_bwd_reduced_as<double>(logits, target, w, ignore_index, eps, z, softcap, mean);
+  }
+  return fwd_bwd_reduced_as<float>(logits, target, w, ignore_index, eps, z, softcap, mean);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
   CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward,
                 &backward_redo>::register_all(m);
+  m.impl("fixed_sum", &fixed_sum);
+  m.impl("ce_reduced", &ce_reduced);
+  m.impl("ce_fwd_bwd_reduced", &ce_fwd_bwd_reduced);
 }
 
 }  // namespace softmax_ce::cpu
