@@ -335,39 +335,6 @@ def _reduced_backward(ctx, grad_total, logits, target, weight, lse, grad_scale, 
     return grad_logits, grad_target
 
 
-class HostReducedCrossEntropyFunction(torch.autograd.Function):
-    """``ReducedCrossEntropyFunction`` for the host fast path (``ops.ce_fwd_bwd_reduced``): [N, C]
-    logits and [N] class indices, the mean's denominator, the gradient and the fixed-order sum in
-    one call; the same backward (the gradient handed over, redone for an upstream gradient other
-    than 1, recomputed by a second or differentiable backward)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, mean):
-        total, lse, grad, grad_scale = ops.ce_fwd_bwd_reduced(
-            logits, target, weight, ignore_index, label_smoothing, z_loss, 0.0, mean)
-        ctx.save_for_backward(logits, target, weight, lse, grad_scale, grad)
-        ctx.params = (False, ignore_index, label_smoothing, z_loss, 0.0)
-        ctx.handed_over = False
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        logits, target, weight, lse, grad_scale, fused = ctx.saved_tensors
-        if (not ctx.handed_over and ctx.needs_input_grad[0] and not torch.is_grad_enabled()
-                and grad_total.item() == 1.0):  # the common loss.backward(): hand it over as is
-            ctx.handed_over = True
-            return fused, None, None, None, None, None, None
-        N, C = logits.shape
-        if weight is not None:
-            weight = weight.to(acc_dtype(logits.dtype))
-        grad_logits, _ = _reduced_backward(
-            ctx, grad_total, logits.view(N, C, 1), target.view(N, 1), weight, lse,
-            grad_scale.expand(N, 1), fused.view(N, C, 1))
-        if grad_logits is not None:
-            grad_logits = grad_logits.view(N, C)
-        return grad_logits, None, None, None, None, None, None
-
-
 def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):
     """dloss/dt_c = -(1 - eps) w_c log_softmax(x')_c, through our differentiable Function."""
     logp = LogSoftmaxFunction.apply(reference.capped(logits, softcap))

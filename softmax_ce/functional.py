@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from .autograd import (
-    HostReducedCrossEntropyFunction,
     LogSoftmaxFunction,
     ReducedCrossEntropyFunction,
     SigmoidCrossEntropyFunction,
@@ -277,21 +276,23 @@ _HOST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def _host_cross_entropy(input, target, weight, ignore_index, label_smoothing, z_loss, mean):
     """The host fast path: the common call (CPU [N, C] logits, [N] int64 class indices, a mean or
     sum, optional weight, label smoothing and z-loss) in one compiled call with the general
-    path's arithmetic (ops.HOST_SCHEMAS). None when the call is not that one (the general path
-    then runs, and raises where torch raises); the conditions read attributes only."""
-    if not (type(input) is Tensor and type(target) is Tensor and input.device.type == "cpu"
-            and input.dim() == 2 and target.dim() == 1 and target.dtype is torch.int64
+    path's arithmetic (ops.HOST_SCHEMAS; with a gradient, ``ce_loss_host``, an autograd node in
+    C++ with ReducedCrossEntropyFunction's behaviour). None when the call is not that one (the
+    general path then runs, and raises where torch raises); the conditions read attributes
+    only."""
+    if not (type(input) is Tensor and type(target) is Tensor and input.is_cpu
+            and input.ndim == 2 and target.ndim == 1 and target.dtype is torch.int64
             and input.dtype in _HOST_DTYPES and input.layout is torch.strided
-            and target.device.type == "cpu" and target.shape[0] == input.shape[0]
-            and input.shape[0] > 0 and input.shape[1] > 0 and not input.is_nested
-            and type(ignore_index) is int and type(label_smoothing) in (float, int)
-            and 0.0 <= label_smoothing <= 1.0 and type(z_loss) in (float, int)
-            and 0.0 <= z_loss < math.inf):
+            and target.is_cpu and not input.is_nested and type(ignore_index) is int
+            and type(label_smoothing) in (float, int) and 0.0 <= label_smoothing <= 1.0
+            and type(z_loss) in (float, int) and 0.0 <= z_loss < math.inf):
+        return None
+    N, C = input.shape
+    if not (N > 0 and C > 0 and target.shape[0] == N):
         return None
     if weight is not None and not (
-            type(weight) is Tensor and weight.dtype is input.dtype and weight.dim() == 1
-            and weight.shape[0] == input.shape[1] and weight.device.type == "cpu"
-            and not weight.requires_grad):
+            type(weight) is Tensor and weight.dtype is input.dtype and weight.ndim == 1
+            and weight.shape[0] == C and weight.is_cpu and not weight.requires_grad):
         return None
     if (not ops.host_fast_path() or torch.compiler.is_compiling() or ops.functorch_active()
             or torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")):
@@ -299,8 +300,8 @@ def _host_cross_entropy(input, target, weight, ignore_index, label_smoothing, z_
     if torch.is_grad_enabled() and input.requires_grad:
         if not gradient_in_forward_enabled():
             return None
-        loss = HostReducedCrossEntropyFunction.apply(
-            input, target, weight, ignore_index, float(label_smoothing), float(z_loss), mean)
+        loss = ops.ce_loss_host(input, target, weight, ignore_index, float(label_smoothing),
+                                float(z_loss), mean)
         return loss if loss.dtype is input.dtype else loss.to(input.dtype)
     return ops.ce_reduced(input, target, weight, ignore_index, float(label_smoothing),
                           float(z_loss), 0.0, mean)

@@ -114,6 +114,10 @@ HOST_SCHEMAS = {
         f"ce_fwd_bwd_reduced(Tensor logits, Tensor target, Tensor? weight, {_CE_ARGS}, "
         "bool mean) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    "ce_loss_host": (
+        "ce_loss_host(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "float label_smoothing, float z_loss, bool mean) -> Tensor"
+    ),
 }
 
 for _schema in HOST_SCHEMAS.values():
@@ -404,3 +408,4 @@ sigmoid_ce_bwd = _make_caller("sigmoid_ce_bwd")
 fixed_sum = torch.ops.softmax_ce.fixed_sum.default
 ce_reduced = torch.ops.softmax_ce.ce_reduced.default
 ce_fwd_bwd_reduced = torch.ops.softmax_ce.ce_fwd_bwd_reduced.default
+ce_loss_host = torch.ops.softmax_ce.ce_loss_host.default

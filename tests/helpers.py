@@ -81,3 +81,19 @@ def truth_cross_entropy(x, t, weight=None, ignore_index=-100, label_smoothing=0.
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.sum() / denom
+
+
+def formed_in_forward(loss):
+    """Whether a loss's gradient was formed in its forward pass: its autograd node (behind a cast
+    or a view) is ReducedCrossEntropyFunction, or the host fast path's C++ node."""
+    fns = [loss.grad_fn]
+    for _ in range(3):
+        if not fns:
+            break
+        fn = fns.pop(0)
+        name = fn.name() if fn is not None else ""
+        if "ReducedCrossEntropy" in name or "HostCeFunction" in name:
+            return True
+        if fn is not None:
+            fns += [f[0] for f in fn.next_functions if f[0] is not None]
+    return False

@@ -143,6 +143,9 @@ T fixed_sum_of(const T* p, int64_t n) {
 
 }  // namespace
 
+float fixed_sum(const float* values, int64_t n) { return fixed_sum_of(values, n); }
+double fixed_sum(const double* values, int64_t n) { return fixed_sum_of(values, n); }
+
 at::Tensor fixed_sum(const at::Tensor& values) {
   TORCH_CHECK(values.device().is_cpu(), "softmax_ce: argument 'values' must be on the CPU");
   const at::ScalarType st = values.scalar_type();

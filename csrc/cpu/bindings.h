@@ -40,6 +40,8 @@ void empty_output_cache();
 // by the number of values alone (chunks of 4096 summed in double by eight accumulators each, then
 // the chunks in order): the same bits whatever the number of threads (softmax_ce::fixed_sum).
 at::Tensor fixed_sum(const at::Tensor& values);
+float fixed_sum(const float* values, int64_t n);
+double fixed_sum(const double* values, int64_t n);
 
 // Work units of a [outer, C, inner] kernel: rows when inner == 1, else blocks of lanes.
 int64_t work_units(int64_t outer, int64_t inner, int64_t lanes);

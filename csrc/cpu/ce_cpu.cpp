@@ -1,5 +1,6 @@
 // CPU bindings of the cross-entropy ops (schemas in softmax_ce/ops.py): argument checks,
 // output allocation, and the parallel launch of the ISA kernels.
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "../common/ce_checks.h"
@@ -166,7 +167,9 @@ void check_host_inputs(const at::Tensor& logits, const at::Tensor& target) {
 template <typename acc_t>
 acc_t mean_denominator(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index,
                        int64_t C) {
-  const at::Tensor t = target.contiguous().to(at::kLong);
+  const at::Tensor t = target.scalar_type() == at::kLong && target.is_contiguous()
+                           ? target
+                           : target.contiguous().to(at::kLong);
   const int64_t* y = t.data_ptr<int64_t>();
   const int64_t n = t.numel();
   for (int64_t i = 0; i < n; ++i) {
@@ -180,10 +183,9 @@ acc_t mean_denominator(const at::Tensor& target, const at::Tensor& weight, int64
     return static_cast<acc_t>(kept);
   }
   const acc_t* w = weight.data_ptr<acc_t>();
-  at::Tensor picked = at::empty({n}, weight.options());
-  acc_t* v = picked.data_ptr<acc_t>();
-  for (int64_t i = 0; i < n; ++i) v[i] = y[i] == ignore_index ? acc_t(0) : w[y[i]];
-  return fixed_sum(picked).item<acc_t>();
+  std::vector<acc_t> picked(n);
+  for (int64_t i = 0; i < n; ++i) picked[i] = y[i] == ignore_index ? acc_t(0) : w[y[i]];
+  return fixed_sum(picked.data(), n);
 }
 
 at::Tensor host_weight(const std::optional<at::Tensor>& weight, const at::Tensor& logits) {
@@ -199,13 +201,12 @@ at::Tensor ce_reduced(const at::Tensor& logits, const at::Tensor& target,
   const at::Tensor w = host_weight(weight, logits);
   const auto [loss, lse] = forward(logits.view({N, C, 1}), target.view({N, 1}), w, ignore_index,
                                    eps, z, softcap, false);
-  const at::Tensor total = fixed_sum(loss);
   if (logits.scalar_type() == at::kDouble) {
-    const double t = total.item<double>();
+    const double t = fixed_sum(loss.data_ptr<double>(), loss.numel());
     const double r = mean ? t / mean_denominator<double>(target, w, ignore_index, C) : t;
     return at::scalar_tensor(r, logits.options());
   }
-  const float t = total.item<float>();
+  const float t = fixed_sum(loss.data_ptr<float>(), loss.numel());
   const float r = mean ? t / mean_denominator<float>(target, w, ignore_index, C) : t;
   return at::scalar_tensor(r, logits.options().dtype(at::kFloat)).to(logits.scalar_type());
 }
@@ -222,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd_reduced_as(
   auto [loss, lse, grad] = forward_backward(grad_scale.expand({N, 1}), logits.view({N, C, 1}),
                                             target.view({N, 1}), w, ignore_index, eps, z,
                                             softcap, false);
-  const acc_t t = fixed_sum(loss).item<acc_t>();
+  const acc_t t = fixed_sum(loss.data_ptr<acc_t>(), loss.numel());
   return {at::scalar_tensor(mean ? t / denom : t, acc), lse, grad.view({N, C}), grad_scale};
 }
 
@@ -237,14 +238,107 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_bwd_reduced(
   return fwd_bwd_reduced_as<float>(logits, target, w, ignore_index, eps, z, softcap, mean);
 }
 
+// ce_loss_host: ce_fwd_bwd_reduced with its backward in C++ (an autograd node of its own, no
+// Python on the way): the gradient the forward formed is handed over when the upstream gradient
+// is 1; otherwise it is redone in its buffer (first backward) or recomputed (later ones) by the
+// backward kernel, as autograd.py's ReducedCrossEntropyFunction does, so the bits are the same
+// as on the general path. A differentiable backward (create_graph=True) forms the gradient from
+// ATen ops, g (A_i + 2 z lse_i) softmax(x) - g b, which autograd differentiates again.
+struct HostCeFunction : public torch::autograd::Function<HostCeFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            int64_t ignore_index, double eps, double z, bool mean) {
+    TORCH_CHECK(!(weight.has_value() && weight->defined() && weight->requires_grad()),
+                "softmax_ce: argument 'weight' requires grad; softmax_ce does not differentiate "
+                "with respect to class weights");
+    auto [total, lse, grad, grad_scale] =
+        ce_fwd_bwd_reduced(logits, target, weight, ignore_index, eps, z, 0.0, mean);
+    const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
+    ctx->save_for_backward({logits, target, w, lse, grad_scale, grad});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["z"] = z;
+    ctx->saved_data["handed_over"] = false;
+    return total;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &lse = saved[3];
+    const at::Tensor &grad_scale = saved[4], &fused = saved[5];
+    const at::Tensor& upstream = grad_outputs[0];
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble(), z = ctx->saved_data["z"].toDouble();
+    const int64_t N = logits.size(0), C = logits.size(1);
+    torch::autograd::variable_list grads(7);
+    if (!ctx->needs_input_grad(0)) return grads;
+    if (at::GradMode::is_enabled()) {
+      grads[0] = differentiable_grad(upstream * grad_scale, logits, target, weight, ignore_index,
+                                     eps, z);
+      return grads;
+    }
+    const bool first = !ctx->saved_data["handed_over"].toBool();
+    ctx->saved_data["handed_over"] = true;
+    if (first && upstream.item<double>() == 1.0) {
+      grads[0] = fused;
+      return grads;
+    }
+    const at::Tensor w = weight.defined() ? weight.to(acc_type(logits.scalar_type())) : weight;
+    const at::Tensor grad_loss = (upstream * grad_scale).expand({N, 1});
+    // first: redone in the handed-over buffer (its version counter kept, as autograd.py does)
+    at::Tensor out = first ? fused.view({N, C, 1}) : at::Tensor();
+    out = cpu::backward(grad_loss, logits.view({N, C, 1}), target.view({N, 1}), w, lse,
+                        ignore_index, eps, z, 0.0, false, out);
+    grads[0] = out.view({N, C});
+    return grads;
+  }
+
+  // g (A_i + 2 z lse_i) p - g b in ATen ops (differentiable in the logits and g).
+  static at::Tensor differentiable_grad(const at::Tensor& g, const at::Tensor& logits,
+                                        const at::Tensor& target, const at::Tensor& weight,
+                                        int64_t ignore_index, double eps, double z) {
+    const at::ScalarType acc = acc_type(logits.scalar_type());
+    const int64_t C = logits.size(1);
+    const at::Tensor x = logits.to(acc);
+    const at::Tensor lse = at::logsumexp(x, {1}, true);
+    const at::Tensor p = at::exp(x - lse);
+    const at::Tensor valid = target.ne(ignore_index);
+    const at::Tensor safe = at::where(valid, target, at::zeros_like(target));
+    const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({C}, x.options());
+    const at::Tensor kept = valid.to(acc).unsqueeze(1);
+    const at::Tensor w_y = w.index_select(0, safe).unsqueeze(1);
+    const at::Tensor a = (1 - eps) * w_y + (eps / C) * w.sum();
+    const at::Tensor b = (1 - eps) * w_y * at::one_hot(safe, C).to(acc) + (eps / C) * w;
+    const at::Tensor grad = g * kept * ((a + 2 * z * lse) * p - b);
+    return grad.to(logits.scalar_type());
+  }
+};
+
+at::Tensor ce_loss_host_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                 double eps, double z, bool mean) {
+  return HostCeFunction::apply(logits, target, weight, ignore_index, eps, z, mean);
+}
+
+// Below autograd (no gradient is recorded): the loss alone, as ce_fwd_bwd_reduced gives it.
+at::Tensor ce_loss_host_cpu(const at::Tensor& logits, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                            double eps, double z, bool mean) {
+  return std::get<0>(ce_fwd_bwd_reduced(logits, target, weight, ignore_index, eps, z, 0.0, mean));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(softmax_ce, Autograd, m) { m.impl("ce_loss_host", &ce_loss_host_autograd); }
 
 TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
   CeEntryPoints<&forward, &backward, &validate_inplace, &forward_backward,
                 &backward_redo>::register_all(m);
-  m.impl("fixed_sum", &fixed_sum);
+  m.impl("fixed_sum", static_cast<at::Tensor (*)(const at::Tensor&)>(&fixed_sum));
   m.impl("ce_reduced", &ce_reduced);
   m.impl("ce_fwd_bwd_reduced", &ce_fwd_bwd_reduced);
+  m.impl("ce_loss_host", &ce_loss_host_cpu);
 }
 
 }  // namespace softmax_ce::cpu
