@@ -212,14 +212,27 @@ def test_host_path_second_and_differentiable_backward():
     (second,) = torch.autograd.grad(loss, x)  # recomputed: the same bits
     assert torch.equal(first, second)
     v = torch.randn(6, 40, dtype=torch.float64)
-    (g,) = torch.autograd.grad(softmax_ce.cross_entropy(x, t, z_loss=0.01), x, create_graph=True)
-    (h,) = torch.autograd.grad((g * v).sum(), x)
-    x2 = x.detach().clone().requires_grad_()
-    loss2 = F.cross_entropy(x2, t) + 0.01 * (torch.logsumexp(x2, 1) ** 2).mean()
-    (g2,) = torch.autograd.grad(loss2, x2, create_graph=True)
-    (h2,) = torch.autograd.grad((g2 * v).sum(), x2)
-    torch.testing.assert_close(g, g2)
-    torch.testing.assert_close(h, h2)
+    w = torch.linspace(0.5, 2.0, 40, dtype=torch.float64)
+    t[2] = 7
+    for kw in ({"z_loss": 0.01}, {"weight": w, "label_smoothing": 0.1, "ignore_index": 7},
+               {"reduction": "sum", "label_smoothing": 0.3}):
+        kw_torch = {k: val for k, val in kw.items() if k != "z_loss"}
+        z = kw.get("z_loss", 0.0)
+        loss = softmax_ce.cross_entropy(x, t, **kw)
+        assert _host_node(loss)
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), x)
+        x2 = x.detach().clone().requires_grad_()
+        loss2 = F.cross_entropy(x2, t, **kw_torch) + z * (torch.logsumexp(x2, 1) ** 2).mean()
+        (g2,) = torch.autograd.grad(loss2, x2, create_graph=True)
+        (h2,) = torch.autograd.grad((g2 * v).sum(), x2)
+        torch.testing.assert_close(g, g2)
+        torch.testing.assert_close(h, h2)
+        # the gradient's derivative with respect to the upstream gradient (a gradient penalty)
+        u = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        (gu,) = torch.autograd.grad(loss * u, x, create_graph=True)
+        (du,) = torch.autograd.grad((gu * v).sum(), u)
+        torch.testing.assert_close(du, (g2 * v).sum().detach())
 
 
 def test_host_path_under_autocast_and_transforms():

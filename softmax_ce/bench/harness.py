@@ -211,13 +211,16 @@ def format_table(records: List[Record], info: dict) -> str:
     def f(v, fmt="{:.2f}"):
         return "" if v is None else fmt.format(v)
 
+    def ms(v):  # three significant digits for the short calls of small shapes
+        return "" if v is None else ("{:.2f}".format(v) if v >= 1 else "{:.3g}".format(v))
+
     def pct(floor, t):  # share of the measured copy bandwidth achieved
         return None if floor is None or not t else 100.0 * floor / t
 
     for r in records:
         lines.append("| " + " | ".join([
-            r.case, "x".join(map(str, r.shape)), r.dtype, r.op, r.impl, f(r.fwd_ms),
-            f(r.fwdbwd_ms), f(r.vs_eager, "{:.1f}x"), f(r.vs_compile, "{:.1f}x"),
+            r.case, "x".join(map(str, r.shape)), r.dtype, r.op, r.impl, ms(r.fwd_ms),
+            ms(r.fwdbwd_ms), f(r.vs_eager, "{:.1f}x"), f(r.vs_compile, "{:.1f}x"),
             f(pct(r.floor_fwd_ms, r.fwd_ms), "{:.0f}%"), f(r.gbps_fwdbwd, "{:.0f}"),
             f(pct(r.floor_fwdbwd_ms, r.fwdbwd_ms), "{:.0f}%"), f(r.fwdbwd_over_floor, "{:.2f}"),
             f(r.extra_peak_over_logits, "{:.2f}"), f(r.max_err, "{:.1e}"),
