@@ -16,6 +16,9 @@ upstream gradient (a recomputation, so one rounding, not a rescaling of the roun
 do nothing when that 0-dim tensor holds 1 (checked on the device by the CUDA kernels, without a
 host synchronisation).
 
+``HOST_SCHEMAS`` are the CPU kernels' host fast path (one call for a whole small mean / sum
+loss, and the fixed-order sum): CPU kernels only, used by functional.py in eager mode.
+
 Shapes follow DESIGN.md's kernel contracts: logits ``[outer, C, inner]``; per-position loss and
 grad_loss ``[outer, inner]`` in the accumulation dtype (float64 for float64 logits, else
 float32); the saved ``lse`` ``[outer, inner]`` is float64 for every dtype (see reference.py).

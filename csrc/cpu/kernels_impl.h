@@ -5,7 +5,9 @@
 //
 // Memory traffic: a forward reads each logit once (rows are processed in L1-sized chunks with
 // an online max/sum across chunks); a backward reads each logit once and writes the gradient
-// once. Arithmetic is in float for float/bf16/fp16 and in double for double.
+// once; the fused forward+backward does both in one pass over memory, rows with one exponential
+// per logit (ce_fused.h). Rows of few classes are computed across rows (ce_narrow.h).
+// Arithmetic is in float for float/bf16/fp16 and in double for double.
 #pragma once
 
 #ifndef SCE_ISA_NS
