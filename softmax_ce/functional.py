@@ -294,7 +294,8 @@ def _host_cross_entropy(input, target, weight, ignore_index, label_smoothing, z_
             type(weight) is Tensor and weight.dtype is input.dtype and weight.ndim == 1
             and weight.shape[0] == C and weight.is_cpu and not weight.requires_grad):
         return None
-    if (not ops.host_fast_path() or torch.compiler.is_compiling() or ops.functorch_active()
+    # is_compiling first: host_fast_path's first call asks the dispatcher, which dynamo cannot trace
+    if (torch.compiler.is_compiling() or not ops.host_fast_path() or ops.functorch_active()
             or torch.autograd.forward_ad._current_level >= 0 or torch.is_autocast_enabled("cpu")):
         return None
     if torch.is_grad_enabled() and input.requires_grad:

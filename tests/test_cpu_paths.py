@@ -106,6 +106,26 @@ def test_fused_rows_across_chunks(cpu_impl, dtype, option):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_large_gradient_rows_streamed(cpu_impl, dtype):
+    """Gradients of 8 MB or more in rows of whole cache lines are written with non-temporal
+    stores (ce_cpu.cpp, stream_output): the fused and the backward-time gradient against a float64
+    truth, and a recomputed gradient the same bits as the handed-over one."""
+    N = 256 if dtype == torch.float32 else 512
+    x, t, kw = _inputs(N, 8192, dtype, {"label_smoothing": 0.1})
+    assert x.numel() * x.element_size() >= 8 << 20
+    for reduction in ("mean", "none"):
+        loss, grad = _ours(x, t, kw, reduction)
+        loss_t, grad_t = _truth(x, t, kw, reduction)
+        assert_close(loss, loss_t, dtype, scale=3.0, what=f"{reduction} loss")
+        assert_close(grad, grad_t, dtype, what=f"{reduction} grad")
+    xr = x.clone().requires_grad_()
+    loss = softmax_ce.cross_entropy(xr, t, **kw)
+    (first,) = torch.autograd.grad(loss, xr, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, xr)
+    assert torch.equal(first, second)
+
+
 # ------------------------------------------------------------------------------------------
 # The host fast path
 # ------------------------------------------------------------------------------------------
@@ -271,3 +291,23 @@ def test_fixed_sum_independent_of_threads_and_differentiable():
     torch.testing.assert_close(total, v.detach().sum())
     with pytest.raises(RuntimeError, match="'values' must be float32 or float64"):
         ops.fixed_sum(torch.ones(3, dtype=torch.int64))
+
+
+def test_regression_first_call_under_compile(monkeypatch):
+    """Bug: the host path's check for its kernels ran (once, then cached) inside the first call;
+    when that call was traced by torch.compile(fullgraph=True) the check was a graph break. The
+    host path now steps aside before it under compile (the cache is reset here to make this call
+    the first)."""
+    monkeypatch.setattr(ops, "_host", [None])
+    torch._dynamo.reset()
+    x = torch.randn(6, 5, requires_grad=True)
+    t = torch.randint(0, 5, (6,))
+    compiled = torch.compile(lambda x, t: softmax_ce.cross_entropy(x, t, label_smoothing=0.1),
+                             backend="eager", fullgraph=True)
+    loss = compiled(x, t)
+    (g,) = torch.autograd.grad(loss, x)
+    x2 = x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(x2, t, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(g, torch.autograd.grad(expected, x2)[0])
+    torch._dynamo.reset()

@@ -65,6 +65,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
   return {loss, lse};
 }
 
+// Whether the gradient rows are written with non-temporal stores (the row kernels; blocks of
+// inner positions write C short runs at a time, too many streams for the write-combining
+// buffers: slower, measured): a gradient of at least 8 MB (more than a core's L2) that is not the
+// logits (an in-place gradient's lines were just read), in rows of whole 64-byte lines (a line
+// written partly by streaming and partly by ordinary stores is slower than either).
+bool stream_output(const at::Tensor& out, const at::Tensor& x) {
+  constexpr size_t kStreamBytes = size_t(8) << 20;
+  return out.nbytes() >= kStreamBytes && out.data_ptr() != x.data_ptr() && x.size(2) == 1 &&
+         (x.size(1) * x.element_size()) % 64 == 0;
+}
+
 // The per-position upstream gradient [outer, inner] into the kernel arguments; the returned
 // tensor (in the accumulation dtype, strides kept: 0 for a broadcast mean) must outlive the call.
 at::Tensor set_grad_loss(CeArgs& a, const at::Tensor& grad_loss, const at::Tensor& logits) {
@@ -88,6 +99,7 @@ at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits,
   const at::Tensor lse_c = lse.contiguous();
   if (!out.defined()) out = empty_output(p.x.sizes(), p.x.options());
   a.out = out.data_ptr();
+  a.stream_out = stream_output(out, p.x);
   a.lse_in = lse_c.data_ptr<double>();
   const KernelTable& k = kernels();
   run_ce(prob ? k.ce_prob_bwd : k.ce_bwd, a, k.block_lanes(a.dtype));
@@ -110,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward(
   a.lse_out = lse.data_ptr<double>();
   a.lse_in = a.lse_out;
   a.out = out.data_ptr();
+  a.stream_out = stream_output(out, p.x);
   const KernelTable& k = kernels();
   run_ce(prob ? k.ce_prob_fwd_bwd : k.ce_fwd_bwd, a, k.block_lanes(a.dtype));
   return {loss, lse, out};

@@ -24,6 +24,7 @@ struct CeArgs {
   int64_t outer = 0, C = 0, inner = 1;
   const void* x = nullptr;       // logits
   void* out = nullptr;           // gradient (backward); may equal x (in-place)
+  bool stream_out = false;       // rows of out stored non-temporally (ce_cpu.cpp, stream_output)
   const void* target = nullptr;  // class indices [outer, inner] (int64 or int32) ...
   bool target_int32 = false;
   const void* prob = nullptr;    // ... or probabilities [outer, C, inner] in the logits' dtype

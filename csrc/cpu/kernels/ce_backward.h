@@ -234,7 +234,11 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
         V xa, xb, ga, gb;
         io::load(xr + c, xa, xb);
         grad_of(xa, xb, c, 2 * L, ga, gb);
-        io::store(gr + c, ga, gb);
+        if (a.stream_out) {
+          stream_store<T>(gr + c, ga, gb);
+        } else {
+          io::store(gr + c, ga, gb);
+        }
       }
       if (c < c1) {
         V xa, xb, ga, gb;
@@ -251,6 +255,7 @@ Status ce_bwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
       gr[y] = rg.true_class(k, p_y, g, y, d_y);
     }
   }
+  if (a.stream_out) stream_fence();
   return {};
 }
 

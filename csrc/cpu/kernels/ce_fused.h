@@ -55,6 +55,9 @@ Status ce_fused_rows(const CeArgs& a, int64_t begin, int64_t end) {
   if (static_cast<int64_t>(ref_buf.size()) < chunks) ref_buf.resize(chunks);
   if (!kInOut && static_cast<int64_t>(keep_buf.size()) < C) keep_buf.resize(C);
   acc_t* ref = ref_buf.data();
+  // non-temporal gradient stores for half types only: float / double rows kept their
+  // exponentials in the gradient buffer, whose lines are in cache already
+  const bool stream = !kInOut && a.stream_out;
   for (int64_t row = begin; row < end; ++row) {
     const T* xr = x + row * C;
     T* gr = out + row * C;
@@ -90,7 +93,11 @@ Status ce_fused_rows(const CeArgs& a, int64_t begin, int64_t end) {
         ga = vf * ga;
         gb = vf * gb;
         rg.sub_targets(ga, gb, c0 + j, 2 * L, tr, vg, vbs);
-        io::store(gr + c0 + j, ga, gb);
+        if (stream) {
+          stream_store<T>(gr + c0 + j, ga, gb);
+        } else {
+          io::store(gr + c0 + j, ga, gb);
+        }
       }
       if (j < n) {
         V ga, gb;
@@ -103,6 +110,7 @@ Status ce_fused_rows(const CeArgs& a, int64_t begin, int64_t end) {
     }
     if constexpr (kDot != Dot::kProbabilities) gr[y] = rg.true_class(k, p_y, g, y, acc_t(1));
   }
+  if (stream) stream_fence();
   return {};
 }
 

@@ -59,6 +59,61 @@ struct IO<T, std::enable_if_t<std::is_same_v<T, c10::BFloat16> || std::is_same_v
   }
 };
 
+// A store of two accumulator vectors that bypasses the caches (non-temporal) where the ISA has
+// it and p is aligned to the vector stores' width: a large output that is written once is not
+// read first (write-allocate) and does not evict the input. Callers end their range with
+// stream_fence(), and stream only outputs whose every store is aligned (a cache line written
+// partly by streaming and partly by ordinary stores is many times slower than either).
+template <typename T>
+inline void stream_store(T* p, const Vectorized<typename AccOf<T>::type>& a,
+                         const Vectorized<typename AccOf<T>::type>& b) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr uintptr_t kWidth = 64;
+#else
+  constexpr uintptr_t kWidth = 32;
+#endif
+  if (reinterpret_cast<uintptr_t>(p) % kWidth == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + 16, b);
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_stream_pd(p, a);
+      _mm512_stream_pd(p + 8, b);
+      return;
+    } else {
+      const __m512i v = at::vec::convert_from_float<T>(a, b);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+      return;
+    }
+#else
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + 8, b);
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(p, a);
+      _mm256_stream_pd(p + 4, b);
+      return;
+    } else {
+      const __m256i v = at::vec::convert_from_float<T>(a, b);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+      return;
+    }
+#endif
+  }
+#endif
+  IO<T>::store(p, a, b);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 template <typename acc_t>
 inline acc_t hmax(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
