@@ -301,38 +301,30 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         logits, target, weight, lse, grad_scale, fused = ctx.saved_tensors
-        grad_logits, grad_target = _reduced_backward(ctx, grad_total, logits, target, weight, lse,
-                                                     grad_scale, fused)
+        prob, ignore_index, eps, z_loss, softcap = ctx.params
+        grad_logits = grad_target = None
+        grad_loss = grad_total * grad_scale  # upstream x d(reduced)/d(per-position loss)
+        if prob and ctx.needs_input_grad[1]:
+            grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
+        if ctx.needs_input_grad[0]:
+            if not ctx.handed_over and not torch.is_grad_enabled():
+                ctx.handed_over = True
+                # Redone in its buffer for the actual upstream gradient (nothing when it is 1).
+                # The version counter is kept: the buffer is handed over, and a later backward
+                # (retain_graph) must still be able to unpack the saved tensors (it recomputes).
+                with torch.autograd._unsafe_preserve_version_counter(fused):
+                    if prob:
+                        ops.ce_prob_bwd_redo_(grad_total, grad_loss, logits, target, weight,
+                                                  lse, eps, z_loss, softcap, fused)
+                    else:
+                        ops.ce_bwd_redo_(grad_total, grad_loss, logits, target, weight, lse,
+                                             ignore_index, eps, z_loss, softcap, fused)
+                grad_logits = fused
+            else:
+                grad_logits = _CrossEntropyBackward.apply(
+                    grad_loss, logits, target, weight, lse, *ctx.params
+                )
         return grad_logits, grad_target, None, None, None, None, None, None, None
-
-
-def _reduced_backward(ctx, grad_total, logits, target, weight, lse, grad_scale, fused):
-    """The backward of a reduced loss whose gradient was formed in the forward pass (``fused``,
-    for a unit upstream gradient): (grad of logits, grad of probability targets)."""
-    prob, ignore_index, eps, z_loss, softcap = ctx.params
-    grad_logits = grad_target = None
-    grad_loss = grad_total * grad_scale  # upstream x d(reduced)/d(per-position loss)
-    if prob and ctx.needs_input_grad[1]:
-        grad_target = _prob_target_grad(grad_loss, logits, target, weight, eps, softcap)
-    if ctx.needs_input_grad[0]:
-        if not ctx.handed_over and not torch.is_grad_enabled():
-            ctx.handed_over = True
-            # Redone in its buffer for the actual upstream gradient (nothing when it is 1).
-            # The version counter is kept: the buffer is handed over, and a later backward
-            # (retain_graph) must still be able to unpack the saved tensors (it recomputes).
-            with torch.autograd._unsafe_preserve_version_counter(fused):
-                if prob:
-                    ops.ce_prob_bwd_redo_(grad_total, grad_loss, logits, target, weight,
-                                          lse, eps, z_loss, softcap, fused)
-                else:
-                    ops.ce_bwd_redo_(grad_total, grad_loss, logits, target, weight, lse,
-                                     ignore_index, eps, z_loss, softcap, fused)
-            grad_logits = fused
-        else:
-            grad_logits = _CrossEntropyBackward.apply(
-                grad_loss, logits, target, weight, lse, *ctx.params
-            )
-    return grad_logits, grad_target
 
 
 def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import softmax_ce
 from softmax_ce import ops
+from conftest import require_compiled
 from helpers import assert_close, assert_unchanged, checksum, truth_cross_entropy
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -167,7 +168,7 @@ HOST_OPTIONS = [
 @pytest.mark.parametrize("option", range(len(HOST_OPTIONS)))
 @pytest.mark.parametrize("shape", [(64, 10), (256, 1000), (9000, 3)], ids=str)
 def test_host_path_same_bits_as_general_path(general_path, dtype, option, shape):
-    ops.implementation("cpu") == "compiled" or pytest.skip("no compiled CPU kernels")
+    require_compiled("cpu")  # skipped without the kernels; a failure where they are required
     x, t, kw = _inputs(*shape, dtype, {k: v for k, v in HOST_OPTIONS[option].items()})
     xr = x.clone().requires_grad_()
     host_loss = softmax_ce.cross_entropy(xr, t, **kw)
@@ -188,7 +189,7 @@ def test_host_path_same_bits_as_general_path(general_path, dtype, option, shape)
 
 
 def test_host_path_against_torch_and_its_errors():
-    ops.implementation("cpu") == "compiled" or pytest.skip("no compiled CPU kernels")
+    require_compiled("cpu")  # skipped without the kernels; a failure where they are required
     x = torch.randn(64, 10, requires_grad=True)
     t = torch.randint(0, 10, (64,))
     x2 = x.detach().clone().requires_grad_()
@@ -198,6 +199,9 @@ def test_host_path_against_torch_and_its_errors():
     loss.backward()
     expected.backward()
     torch.testing.assert_close(x.grad, x2.grad)
+    # the host op below autograd (inference mode): the loss alone, torch's value
+    with torch.inference_mode():
+        torch.testing.assert_close(ops.ce_loss_host(x, t, None, -100, 0.0, 0.0, True), expected)
     # every position ignored: NaN for the mean, 0 for the sum, as torch
     t_ign = torch.full((64,), -100)
     with torch.no_grad():
@@ -223,7 +227,7 @@ def test_host_path_against_torch_and_its_errors():
 
 
 def test_host_path_second_and_differentiable_backward():
-    ops.implementation("cpu") == "compiled" or pytest.skip("no compiled CPU kernels")
+    require_compiled("cpu")  # skipped without the kernels; a failure where they are required
     x = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 40, (6,))
     loss = softmax_ce.cross_entropy(x, t, label_smoothing=0.05)
@@ -257,7 +261,7 @@ def test_host_path_second_and_differentiable_backward():
 
 def test_host_path_under_autocast_and_transforms():
     """Calls the host path does not serve give torch's results by the general path."""
-    ops.implementation("cpu") == "compiled" or pytest.skip("no compiled CPU kernels")
+    require_compiled("cpu")  # skipped without the kernels; a failure where they are required
     x = torch.randn(8, 5)
     t = torch.randint(0, 5, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -270,7 +274,7 @@ def test_host_path_under_autocast_and_transforms():
 
 
 def test_fixed_sum_independent_of_threads_and_differentiable():
-    ops.implementation("cpu") == "compiled" or pytest.skip("no compiled CPU kernels")
+    require_compiled("cpu")  # skipped without the kernels; a failure where they are required
     from softmax_ce.fixed_sum import fixed_order_sum
 
     values = torch.randn(100_003, dtype=torch.float32) * 1e3

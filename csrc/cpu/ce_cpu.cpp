@@ -206,22 +206,35 @@ at::Tensor host_weight(const std::optional<at::Tensor>& weight, const at::Tensor
   return weight->to(acc_type(logits.scalar_type())).contiguous();
 }
 
+// The reduced loss without a gradient, 0-dim in the accumulation dtype.
+template <typename acc_t>
+at::Tensor reduced_as(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& w,
+                      int64_t ignore_index, double eps, double z, double softcap, bool mean) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto [loss, lse] = forward(logits.view({N, C, 1}), target.view({N, 1}), w, ignore_index,
+                                   eps, z, softcap, false);
+  const acc_t t = fixed_sum(loss.data_ptr<acc_t>(), loss.numel());
+  const acc_t r = mean ? t / mean_denominator<acc_t>(target, w, ignore_index, C) : t;
+  return at::scalar_tensor(r, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+at::Tensor reduced(const at::Tensor& logits, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                   double z, double softcap, bool mean) {
+  check_host_inputs(logits, target);
+  const at::Tensor w = host_weight(weight, logits);
+  if (logits.scalar_type() == at::kDouble) {
+    return reduced_as<double>(logits, target, w, ignore_index, eps, z, softcap, mean);
+  }
+  return reduced_as<float>(logits, target, w, ignore_index, eps, z, softcap, mean);
+}
+
+// ce_reduced: in the logits' dtype, as the general path's final cast gives it.
 at::Tensor ce_reduced(const at::Tensor& logits, const at::Tensor& target,
                       const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
                       double z, double softcap, bool mean) {
-  check_host_inputs(logits, target);
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const at::Tensor w = host_weight(weight, logits);
-  const auto [loss, lse] = forward(logits.view({N, C, 1}), target.view({N, 1}), w, ignore_index,
-                                   eps, z, softcap, false);
-  if (logits.scalar_type() == at::kDouble) {
-    const double t = fixed_sum(loss.data_ptr<double>(), loss.numel());
-    const double r = mean ? t / mean_denominator<double>(target, w, ignore_index, C) : t;
-    return at::scalar_tensor(r, logits.options());
-  }
-  const float t = fixed_sum(loss.data_ptr<float>(), loss.numel());
-  const float r = mean ? t / mean_denominator<float>(target, w, ignore_index, C) : t;
-  return at::scalar_tensor(r, logits.options().dtype(at::kFloat)).to(logits.scalar_type());
+  return reduced(logits, target, weight, ignore_index, eps, z, softcap, mean)
+      .to(logits.scalar_type());
 }
 
 template <typename acc_t>
@@ -334,11 +347,11 @@ at::Tensor ce_loss_host_autograd(const at::Tensor& logits, const at::Tensor& tar
   return HostCeFunction::apply(logits, target, weight, ignore_index, eps, z, mean);
 }
 
-// Below autograd (no gradient is recorded): the loss alone, as ce_fwd_bwd_reduced gives it.
+// Below autograd (nothing recorded): the loss alone (accumulation dtype), no gradient formed.
 at::Tensor ce_loss_host_cpu(const at::Tensor& logits, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
                             double eps, double z, bool mean) {
-  return std::get<0>(ce_fwd_bwd_reduced(logits, target, weight, ignore_index, eps, z, 0.0, mean));
+  return reduced(logits, target, weight, ignore_index, eps, z, 0.0, mean);
 }
 
 }  // namespace

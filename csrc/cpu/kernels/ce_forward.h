@@ -53,9 +53,8 @@ Status ce_fwd_rows(const CeArgs& a, int64_t begin, int64_t end) {
     int64_t y = 0;
     bool valid = true;
     if constexpr (kDot != Dot::kProbabilities) {
-      y = load_target(a, row);
-      valid = y != a.ignore_index;
-      if (valid && (y < 0 || y >= C)) return {true, y};
+      const Status s = read_target(a, row, y, valid);
+      if (s.bad_target) return s;
     }
     const T* tr = kDot == Dot::kProbabilities ? prob + row * C : nullptr;
     const auto st = row_stats<T, kCap, kDot, kW>(xr, tr, w, C, cap, 1 - eps, eps_c);

@@ -65,9 +65,8 @@ Status ce_fused_rows(const CeArgs& a, int64_t begin, int64_t end) {
     int64_t y = 0;
     bool valid = true;
     if constexpr (kDot != Dot::kProbabilities) {
-      y = load_target(a, row);
-      valid = y != a.ignore_index;
-      if (valid && (y < 0 || y >= C)) return {true, y};
+      const Status s = read_target(a, row, y, valid);
+      if (s.bad_target) return s;
     }
     acc_t* keep = kInOut ? reinterpret_cast<acc_t*>(gr) : keep_buf.data();
     const auto st = row_stats<T, false, kDot, kW, true>(xr, tr, rg.w, C, rg.cap, 1 - rg.eps,

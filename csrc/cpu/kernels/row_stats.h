@@ -211,6 +211,15 @@ inline int64_t load_target(const CeArgs& a, int64_t idx) {
                         : static_cast<const int64_t*>(a.target)[idx];
 }
 
+// A position's class index y and whether it is kept (not ignore_index); a bad-target Status for a
+// kept index outside [0, C).
+inline Status read_target(const CeArgs& a, int64_t pos, int64_t& y, bool& valid) {
+  y = load_target(a, pos);
+  valid = y != a.ignore_index;
+  if (valid && (y < 0 || y >= a.C)) return {true, y};
+  return {};
+}
+
 template <typename acc_t>
 inline acc_t grad_at(const CeArgs& a, int64_t o, int64_t i) {
   return static_cast<const acc_t*>(a.grad)[o * a.grad_stride_outer + i * a.grad_stride_inner];
