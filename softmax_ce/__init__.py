@@ -32,11 +32,11 @@ else:
 from . import nn, ops  # noqa: E402
 from .autograd import (  # noqa: E402
     LogSoftmaxFunction,
-    SigmoidCrossEntropyFunction,
     ReducedCrossEntropyFunction,
     SoftmaxCrossEntropyFunction,
     SoftmaxFunction,
 )
+from .autograd_sigmoid import SigmoidCrossEntropyFunction  # noqa: E402
 from .functional import (  # noqa: E402
     binary_cross_entropy_with_logits,
     cross_entropy,

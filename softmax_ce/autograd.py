@@ -17,7 +17,7 @@ forward-mode AD) and a generated vmap rule, for ``torch.func``:
       H u = (A + 2 z lse) J u + 2 z p <p, u>,  J u = p * (u - <u, p>)  (the softmax backward);
   H is symmetric, so the same product serves the vjp and the jvp;
   soft-capping chains cap'(x) = 1 - tanh(x/s)^2 and cap''(x) = -2 tanh(x/s) cap'(x) / s.
-* sigmoid cross-entropy: dloss/dx = g * w * [(pw y + 1 - y) sigmoid(x) - pw y].
+(the sigmoid cross-entropy's Functions are in autograd_sigmoid.py)
 
 Tensors arrive already in the kernels' layout (``[outer, C, inner]``, see ``functional.py``).
 """
@@ -25,7 +25,6 @@ Tensors arrive already in the kernels' layout (``[outer, C, inner]``, see ``func
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from . import reference
@@ -36,7 +35,10 @@ __all__ = [
     "LogSoftmaxFunction",
     "SoftmaxCrossEntropyFunction",
     "ReducedCrossEntropyFunction",
-    "SigmoidCrossEntropyFunction",
+    "SavesInputs",
+    "acc_cast",
+    "input_grads",
+    "without_jvp",
 ]
 
 
@@ -50,10 +52,19 @@ __all__ = [
 # through them as through torch's own functions.
 
 
-def _acc(*tensors):
+def acc_cast(*tensors):
     """The tensors in their accumulation dtype (float64 for float64, else float32)."""
     acc = acc_dtype(tensors[0].dtype)
     return [None if t is None else t.to(acc) for t in tensors]
+
+
+class SavesInputs:
+    """A Function mixin: setup_context saves every input for backward and for forward AD."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
 
 class SoftmaxFunction(torch.autograd.Function):
@@ -81,7 +92,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return ops.softmax_bwd(dx, y, False)  # J dx, J symmetric
 
 
-class _SoftmaxBackward(torch.autograd.Function):
+class _SoftmaxBackward(SavesInputs, torch.autograd.Function):
     """dx = y * (g - <g, y>), a function of (g, y)."""
 
     generate_vmap_rule = True
@@ -91,18 +102,13 @@ class _SoftmaxBackward(torch.autograd.Function):
         return ops.softmax_bwd(grad_y, y, False)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
     def backward(ctx, v):
         grad_y, y = ctx.saved_tensors
         d_grad = d_y = None
         if ctx.needs_input_grad[0]:
             d_grad = _SoftmaxBackward.apply(v, y)  # J is symmetric
         if ctx.needs_input_grad[1]:
-            g, ya, va = _acc(grad_y, y, v)
+            g, ya, va = acc_cast(grad_y, y, v)
             d_y = va * (g - (g * ya).sum(1, keepdim=True)) - g * (va * ya).sum(1, keepdim=True)
             d_y = d_y.to(y.dtype)
         return d_grad, d_y
@@ -110,13 +116,13 @@ class _SoftmaxBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dg, dy):
         grad_y, y = ctx.saved_tensors
-        g, ya = _acc(grad_y, y)
+        g, ya = acc_cast(grad_y, y)
         out = torch.zeros_like(ya)
         if dg is not None:
-            (dga,) = _acc(dg)
+            (dga,) = acc_cast(dg)
             out = out + ya * (dga - (dga * ya).sum(1, keepdim=True))
         if dy is not None:
-            (dya,) = _acc(dy)
+            (dya,) = acc_cast(dy)
             out = out + dya * (g - (g * ya).sum(1, keepdim=True))
             out = out - ya * (g * dya).sum(1, keepdim=True)
         return out.to(y.dtype)
@@ -144,11 +150,11 @@ class LogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx):
         (y,) = ctx.saved_tensors
-        ya, dxa = _acc(y, dx)
+        ya, dxa = acc_cast(y, dx)
         return (dxa - (dxa * torch.exp(ya)).sum(1, keepdim=True)).to(y.dtype)
 
 
-class _LogSoftmaxBackward(torch.autograd.Function):
+class _LogSoftmaxBackward(SavesInputs, torch.autograd.Function):
     """dx = g - exp(y) * sum(g), a function of (g, y)."""
 
     generate_vmap_rule = True
@@ -158,14 +164,9 @@ class _LogSoftmaxBackward(torch.autograd.Function):
         return ops.softmax_bwd(grad_y, y, True)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
     def backward(ctx, v):
         grad_y, y = ctx.saved_tensors
-        ya, va = _acc(y, v)
+        ya, va = acc_cast(y, v)
         p = torch.exp(ya)
         d_grad = d_y = None
         if ctx.needs_input_grad[0]:
@@ -177,14 +178,14 @@ class _LogSoftmaxBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dg, dy):
         grad_y, y = ctx.saved_tensors
-        g, ya = _acc(grad_y, y)
+        g, ya = acc_cast(grad_y, y)
         p = torch.exp(ya)
         out = torch.zeros_like(ya)
         if dg is not None:
-            (dga,) = _acc(dg)
+            (dga,) = acc_cast(dg)
             out = out + dga - p * dga.sum(1, keepdim=True)
         if dy is not None:
-            (dya,) = _acc(dy)
+            (dya,) = acc_cast(dy)
             out = out - p * dya * g.sum(1, keepdim=True)
         return out.to(y.dtype)
 
@@ -240,7 +241,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad_logits = _CrossEntropyBackward.apply(
                     grad_loss, logits, target, weight, lse, *ctx.params
                 )
-        return grad_logits, grad_target, None, None, None, None, None, None
+        return input_grads(ctx, grad_logits, grad_target)
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, *_):
@@ -324,7 +325,7 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
                 grad_logits = _CrossEntropyBackward.apply(
                     grad_loss, logits, target, weight, lse, *ctx.params
                 )
-        return grad_logits, grad_target, None, None, None, None, None, None, None
+        return input_grads(ctx, grad_logits, grad_target)
 
 
 def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):
@@ -374,23 +375,23 @@ class _SecondOrder:
         lse = lse.to(acc)
         w = weight.view(1, C, 1) if weight is not None else None
         self.w, self.eps = w, eps
-        # b: the target-dependent part of the gradient, A = sum_c b_c; zc = 2 z (0 if ignored);
-        # the reference's definitions of the per-class terms.
+        # k = A + 2 z lse, zc = 2 z (0 at ignored positions) and the unit gradient g1: the
+        # reference's definitions (reference.row_coefficient, index_gradient, prob_gradient).
+        ones = torch.ones_like(lse.squeeze(1))
         if prob:
             b = reference.smoothed_target(target, weight, eps, C)
-            zc = torch.full_like(lse, 2 * z_loss)
+            k = reference.row_coefficient(b.sum(1), z_loss, lse.squeeze(1))
+            self.zc = torch.full_like(lse, 2 * z_loss)
+            self.g1 = reference.prob_gradient(self.p, ones, k, b)
         else:
             valid, safe, w_y = reference.class_terms(target, weight, ignore_index, acc)
-            valid, safe, w_y = valid.unsqueeze(1), safe.unsqueeze(1), w_y.unsqueeze(1)
-            onehot = torch.zeros_like(x).scatter_(1, safe, 1.0)
-            b = (1 - eps) * w_y * onehot
-            if eps > 0:
-                b = b + (eps / C) * (w if w is not None else 1.0)
-            b = b * valid
-            zc = valid * (2 * z_loss)
-        self.zc = zc
-        self.k = b.sum(1, keepdim=True) + zc * lse
-        self.g1 = self.k * self.p - b  # gradient w.r.t. x' at a unit upstream gradient
+            w_sum = weight.sum() if weight is not None else float(C)
+            mass = reference.target_mass(w_y, w_sum, eps, C)
+            k = reference.row_coefficient(mass, z_loss, lse.squeeze(1), valid)
+            self.zc = valid.unsqueeze(1) * (2 * z_loss)
+            self.g1 = reference.index_gradient(self.p, ones, k, valid, safe, valid, w_y, weight,
+                                               eps, C)
+        self.k = k.unsqueeze(1)  # gradient w.r.t. x' at a unit upstream gradient: g1
 
     def unit_gradient(self):
         """dloss/dx at a unit upstream gradient, [outer, C, inner]."""
@@ -449,7 +450,7 @@ class _CrossEntropyBackward(torch.autograd.Function):
             d_logits = so.hessian_product(va).to(logits.dtype)
         if prob and ctx.needs_input_grad[2]:
             d_target = so.target_vjp(va).to(target.dtype)
-        return d_grad_loss, d_logits, d_target, None, None, None, None, None, None, None
+        return input_grads(ctx, d_grad_loss, d_logits, d_target)
 
     @staticmethod
     def jvp(ctx, d_grad_loss, d_logits, d_target, *_):
@@ -466,124 +467,22 @@ class _CrossEntropyBackward(torch.autograd.Function):
         return out.to(logits.dtype)
 
 
-# ------------------------------------------------------------------------------------------
-# sigmoid (binary) cross-entropy
-# ------------------------------------------------------------------------------------------
+def _ce_bwd_differentiable(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing,
+                           z_loss, softcap):
+    """softmax_ce::ce_bwd_differentiable: the class-index gradient through
+    _CrossEntropyBackward, so autograd records its second derivative."""
+    return _CrossEntropyBackward.apply(grad_loss, logits, target, weight, lse, False,
+                                       ignore_index, label_smoothing, z_loss, softcap)
 
 
-class SigmoidCrossEntropyFunction(torch.autograd.Function):
-    """Elementwise w * [(1-y) x + (1 + (pw-1) y) log(1 + exp(-x))], torch's BCE-with-logits.
-
-    ``weight`` and ``pos_weight`` broadcast to the logits' shape; all tensors share one dtype.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(logits, target, weight, pos_weight):
-        return ops.sigmoid_ce_fwd(logits, target, weight, pos_weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, target, weight, pos_weight = ctx.saved_tensors
-        grad_logits = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = _SigmoidCrossEntropyBackward.apply(
-                grad_loss, logits, target, weight, pos_weight
-            )
-        if ctx.needs_input_grad[1]:
-            grad_target = (grad_loss * _bce_target_derivative(logits, weight, pos_weight))
-            grad_target = grad_target.to(target.dtype)
-        return grad_logits, grad_target, None, None
-
-    @staticmethod
-    def jvp(ctx, d_logits, d_target, *_):
-        logits, target, weight, pos_weight = ctx.saved_tensors
-        out = torch.zeros_like(logits)
-        if d_logits is not None:
-            out = out + ops.sigmoid_ce_bwd(d_logits, logits, target, weight, pos_weight)
-        if d_target is not None:
-            out = out + d_target * _bce_target_derivative(logits, weight, pos_weight)
-        return out
+_impl = torch.library.Library("softmax_ce", "IMPL")
+_impl.impl("ce_bwd_differentiable", _ce_bwd_differentiable, "CompositeImplicitAutograd")
 
 
-def _bce_target_derivative(logits, weight, pos_weight):
-    """dloss/dy = w * [-x + (pw - 1) log(1 + exp(-x))]."""
-    d = -logits
-    if pos_weight is not None:
-        d = d + (pos_weight - 1) * F.softplus(-logits)
-    if weight is not None:
-        d = d * weight
-    return d
-
-
-class _BceSecondOrder:
-    """d/d(g, x, y) of grad = g w [c sigmoid(x) - pw y], c = pw y + 1 - y: all diagonal."""
-
-    def __init__(self, grad_loss, logits, target, weight, pos_weight):
-        x, y, self.g = _acc(logits, target, grad_loss)
-        self.s = torch.sigmoid(x)
-        pw = pos_weight.to(x.dtype) if pos_weight is not None else None
-        self.pw = pw
-        self.c = pw * y + 1 - y if pw is not None else torch.ones_like(y)
-        self.y = y
-        self.w = weight.to(x.dtype) if weight is not None else None
-
-    def weighted(self, v):
-        return v * self.w if self.w is not None else v
-
-    def by_grad_loss(self):
-        return self.c * self.s - (self.pw * self.y if self.pw is not None else self.y)
-
-    def by_logits(self):
-        return self.g * self.c * self.s * (1 - self.s)
-
-    def by_target(self):
-        dy = (self.pw - 1) * self.s - self.pw if self.pw is not None else -torch.ones_like(self.s)
-        return self.g * dy
-
-
-class _SigmoidCrossEntropyBackward(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(grad_loss, logits, target, weight, pos_weight):
-        return ops.sigmoid_ce_bwd(grad_loss, logits, target, weight, pos_weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, v):
-        grad_loss, logits, target, weight, pos_weight = ctx.saved_tensors
-        so = _BceSecondOrder(grad_loss, logits, target, weight, pos_weight)
-        va = so.weighted(v.to(so.s.dtype))
-        d_grad = d_logits = d_target = None
-        if ctx.needs_input_grad[0]:
-            d_grad = (va * so.by_grad_loss()).to(grad_loss.dtype)
-        if ctx.needs_input_grad[1]:
-            d_logits = (va * so.by_logits()).to(logits.dtype)
-        if ctx.needs_input_grad[2]:
-            d_target = (va * so.by_target()).to(target.dtype)
-        return d_grad, d_logits, d_target, None, None
-
-    @staticmethod
-    def jvp(ctx, d_grad, d_logits, d_target, *_):
-        grad_loss, logits, target, weight, pos_weight = ctx.saved_tensors
-        so = _BceSecondOrder(grad_loss, logits, target, weight, pos_weight)
-        out = torch.zeros_like(so.s)
-        for tangent, factor in ((d_grad, so.by_grad_loss), (d_logits, so.by_logits),
-                                (d_target, so.by_target)):
-            if tangent is not None:
-                out = out + tangent.to(out.dtype) * factor()
-        return so.weighted(out).to(logits.dtype)
+def input_grads(ctx, *grads):
+    """A backward's return value: ``grads`` for the first inputs of forward, None for every
+    other (as many as ``ctx.needs_input_grad`` has entries: no hand-counted tail)."""
+    return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def without_jvp(cls):

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _args as A
 from . import functional as F
 from .linear import linear_cross_entropy
 
@@ -40,7 +41,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         # torch checks reduction and label_smoothing at the call; our extensions are checked here.
-        F._check_z_loss_softcap(z_loss, softcap, type(self).__name__)
+        A.check_z_loss_softcap(z_loss, softcap, type(self).__name__)
         self.z_loss = float(z_loss)
         self.softcap = None if softcap is None else float(softcap)
         self.inplace_backward = bool(inplace_backward)
@@ -105,7 +106,7 @@ class _LinearCrossEntropyOptions:
 
     def _set_options(self, ignore_index, label_smoothing, options, z_loss, softcap, chunk_size,
                      grad_weight_acc_dtype) -> None:
-        F._check_z_loss_softcap(z_loss, softcap, type(self).__name__)
+        A.check_z_loss_softcap(z_loss, softcap, type(self).__name__)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.options = options

@@ -103,19 +103,15 @@ for _name, _schema in SCHEMAS.items():
 
 
 # The host fast path of the compiled CPU kernels: a whole mean / sum cross-entropy of [N, C] logits
-# and [N] class indices in one call (``ce_reduced``: the loss; ``ce_fwd_bwd_reduced``: the loss,
-# lse, gradient and d(loss)/d(per-position loss)), and the fixed-order sum of float32 / float64
-# values (``fixed_sum``), all with the arithmetic of the general path in functional.py. CPU kernels
+# and [N] class indices in one call (``ce_reduced``: the loss without a gradient; ``ce_loss_host``:
+# the loss as an autograd node written in C++), and the fixed-order sum of float32 / float64
+# values (``fixed_sum``), all with the arithmetic of the general path (_core.py). CPU kernels
 # only, no reference, fake or vmap implementation: called only where ``host_fast_path()`` says the
-# kernels are there, in eager mode outside torch.func transforms (functional.py, fixed_sum.py).
+# kernels are there, in eager mode outside torch.func transforms (_core.py, fixed_sum.py).
 HOST_SCHEMAS = {
     "fixed_sum": "fixed_sum(Tensor values) -> Tensor",
     "ce_reduced": (
         f"ce_reduced(Tensor logits, Tensor target, Tensor? weight, {_CE_ARGS}, bool mean) -> Tensor"
-    ),
-    "ce_fwd_bwd_reduced": (
-        f"ce_fwd_bwd_reduced(Tensor logits, Tensor target, Tensor? weight, {_CE_ARGS}, "
-        "bool mean) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     "ce_loss_host": (
         "ce_loss_host(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
@@ -125,6 +121,12 @@ HOST_SCHEMAS = {
 
 for _schema in HOST_SCHEMAS.values():
     _lib.define(_schema)
+
+# ce_bwd as a differentiable function (autograd.py registers it: the Function whose backward is
+# the second derivative). The host node's backward calls it under create_graph=True, so that C++
+# path has no formula of its own.
+_lib.define(f"ce_bwd_differentiable(Tensor grad_loss, Tensor logits, Tensor target, "
+            f"Tensor? weight, Tensor lse, {_CE_ARGS}) -> Tensor")
 
 
 def _fixed_sum_setup(ctx, inputs, output):
@@ -410,5 +412,4 @@ sigmoid_ce_fwd = _make_caller("sigmoid_ce_fwd")
 sigmoid_ce_bwd = _make_caller("sigmoid_ce_bwd")
 fixed_sum = torch.ops.softmax_ce.fixed_sum.default
 ce_reduced = torch.ops.softmax_ce.ce_reduced.default
-ce_fwd_bwd_reduced = torch.ops.softmax_ce.ce_fwd_bwd_reduced.default
 ce_loss_host = torch.ops.softmax_ce.ce_loss_host.default

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as _torch_F
 from torch import Tensor
 
+from . import _args as A
 from . import functional
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -48,7 +49,7 @@ def _defer_to_torch(*tensors) -> bool:
     (sharded tensors, which our ops do not know how to split)."""
     if torch.overrides.has_torch_function_variadic(*tensors):
         return True
-    return any(functional._is_dtensor(t) for t in tensors)
+    return any(A.is_dtensor(t) for t in tensors)
 
 
 _cross_entropy.__doc__ = (

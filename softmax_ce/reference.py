@@ -119,6 +119,53 @@ def ce_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softca
     return loss, lse
 
 
+def target_mass(w_y, w_sum, label_smoothing, C):
+    """A = sum_c b_c for a class-index target, b_c = (1 - eps) w_y [c = y] + (eps / C) w_c:
+    (1 - eps) w_y + (eps / C) sum_c w_c."""
+    return (1 - label_smoothing) * w_y + (label_smoothing / C) * w_sum
+
+
+def row_coefficient(mass, z_loss, lse, valid=None):
+    """A + 2 z lse, the coefficient of p_c in the gradient (``mass`` = A = sum_c b_c); 0 at
+    ignored positions (``valid`` False)."""
+    coef = mass + 2 * z_loss * lse
+    return coef if valid is None else torch.where(valid, coef, torch.zeros_like(coef))
+
+
+def index_gradient(p, g, coef, valid, index, owned, w_y, weight, label_smoothing, C,
+                   inplace=False):
+    """The class-index gradient over the classes of ``p`` ``[n, C_p, inner]``:
+
+        g [coef p_c - (eps / C) w_c - (1 - eps) w_y [c = y]]
+
+    ``coef`` from ``row_coefficient``; ``index`` the target's column in ``p`` where ``owned``
+    (all of ``valid`` on one device; on a slice of the vocabulary only where the slice holds y);
+    ``weight`` the class weights of ``p``'s columns (or None); ``C`` the global class count.
+    Ignored positions get 0 whatever ``g`` is (an infinite ``g``, the ``mean`` of a batch that is
+    all ignored, never forms inf * 0). Computed in ``p``'s dtype, written over ``p`` with
+    ``inplace=True`` (a temporary the caller no longer needs); differentiable otherwise (the
+    in-place steps write only the fresh result)."""
+    zero = torch.zeros_like(g)
+    row = torch.where(valid, g * coef, zero).to(p.dtype).unsqueeze(1)
+    grad = p.mul_(row) if inplace else row * p
+    if label_smoothing > 0:
+        w = weight.view(1, -1, 1) if weight is not None else 1.0
+        kept = torch.where(valid, g, zero).to(p.dtype).unsqueeze(1)
+        grad.sub_((label_smoothing / C) * kept * w)
+    true_class = torch.where(owned, g * (1 - label_smoothing) * w_y, zero).to(p.dtype)
+    return grad.scatter_add_(1, index.unsqueeze(1), -true_class.unsqueeze(1))
+
+
+def prob_gradient(p, g, coef, b, inplace=False):
+    """The probability-target gradient g [coef p_c - b_c] (``b`` from ``smoothed_target`` over
+    ``p``'s columns, ``coef`` from ``row_coefficient`` of its global sum), in ``p``'s dtype
+    (written over ``p`` with ``inplace=True``)."""
+    g, coef = g.to(p.dtype).unsqueeze(1), coef.to(p.dtype).unsqueeze(1)
+    if inplace:
+        return p.mul_(coef).sub_(b).mul_(g)
+    return g * (coef * p - b)
+
+
 def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
     """dloss/dx_c = g * [(A + 2 z lse) p_c - (eps/C) w_c - (1 - eps) w_y [c = y]] * cap'(x_c)."""
     C = logits.shape[1]
@@ -128,17 +175,11 @@ def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing
     x = capped(logits, softcap)
     p = _probs(x, lse)
     valid, safe, w_y = class_terms(target, weight, ignore_index, x.dtype)
-    g = grad_loss.to(x.dtype)
-    zero = torch.zeros_like(g)
     w_sum = weight.sum() if weight is not None else float(C)
-    a = (1 - label_smoothing) * w_y + (label_smoothing / C) * w_sum + 2 * z_loss * lse.to(x.dtype)
-    coef = torch.where(valid, g * a, zero)
-    grad = coef.unsqueeze(1) * p
-    if label_smoothing > 0:
-        w = weight.view(1, C, 1) if weight is not None else 1.0
-        grad = grad - (label_smoothing / C) * torch.where(valid, g, zero).unsqueeze(1) * w
-    true_class = torch.where(valid, g * (1 - label_smoothing) * w_y, zero)
-    grad = grad.scatter_add(1, safe.unsqueeze(1), -true_class.unsqueeze(1))
+    coef = row_coefficient(target_mass(w_y, w_sum, label_smoothing, C), z_loss,
+                           lse.to(x.dtype))
+    grad = index_gradient(p, grad_loss.to(x.dtype), coef, valid, safe, valid, w_y, weight,
+                          label_smoothing, C)
     d = _capped_derivative(logits, softcap)
     if d is not None:
         grad = grad * d
@@ -160,13 +201,15 @@ def ce_fwd_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing,
 
 
 def smoothed_target(target, weight, label_smoothing, C):
-    """b = w * ((1 - eps) t + eps / C), the probability target's coefficient of each class."""
+    """b = w * ((1 - eps) t + eps / C), the probability target's coefficient of each class of
+    ``target`` ``[n, C_t, inner]`` (``weight``: the weights of those classes; ``C``: the global
+    class count, which a vocabulary slice's C_t is not)."""
     acc = acc_dtype(target.dtype)
     t = target.to(acc)
     if label_smoothing > 0:
         t = t * (1 - label_smoothing) + label_smoothing / C
     if weight is not None:
-        t = t * weight.view(1, C, 1)
+        t = t * weight.view(1, -1, 1)
     return t
 
 
@@ -187,10 +230,9 @@ def ce_prob_bwd(grad_loss, logits, target, weight, lse, label_smoothing, z_loss,
     C = logits.shape[1]
     x = capped(logits, softcap)
     p = _probs(x, lse)
-    wt = smoothed_target(target, weight, label_smoothing, C)
-    g = grad_loss.to(x.dtype).unsqueeze(1)
-    a = wt.sum(dim=1) + 2 * z_loss * lse.to(x.dtype)
-    grad = g * (a.unsqueeze(1) * p - wt)
+    b = smoothed_target(target, weight, label_smoothing, C)
+    coef = row_coefficient(b.sum(dim=1), z_loss, lse.to(x.dtype))
+    grad = prob_gradient(p, grad_loss.to(x.dtype), coef, b)
     d = _capped_derivative(logits, softcap)
     if d is not None:
         grad = grad * d

@@ -154,13 +154,28 @@ def case_ranks_without_targets_and_gaps(rank, world, group):
 
 
 def case_every_position_ignored(rank, world, group):
+    """A batch of prompt tokens only: torch's mean is NaN (0 / 0) and its gradients are 0, and so
+    are ours, on the logits and through the fused head (never inf * 0 in a gradient)."""
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     target = torch.full((5,), -100)
-    mean = softmax_ce.cross_entropy(x, target, process_group=group)
-    assert torch.isnan(mean), mean  # torch: 0 / 0
+    for eps in (0.0, 0.1):
+        mean = softmax_ce.cross_entropy(x, target, label_smoothing=eps, process_group=group)
+        assert torch.isnan(mean), mean
+        mean.backward()
+        assert torch.count_nonzero(x.grad) == 0, x.grad  # torch's gradient: all zeros
+        x.grad = None
     total = softmax_ce.cross_entropy(x, target, reduction="sum", process_group=group)
     total.backward()
     assert total.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for eps in (0.0, 0.1):
+        mean = softmax_ce.linear_cross_entropy(h, w, target, label_smoothing=eps,
+                                               process_group=group)
+        assert torch.isnan(mean), mean
+        mean.backward()
+        assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+        h.grad = w.grad = None
     return [mean.item() != mean.item(), total.item()]
 
 

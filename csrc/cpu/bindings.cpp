@@ -28,9 +28,9 @@ namespace {
 // A small cache of large output buffers. The one N x C output of a backward (the gradient) and
 // the outputs of softmax are freshly allocated on every call, and first-touch page faults on a
 // fresh buffer can cost more than the kernel's own traffic (DESIGN.md, Performance model; what
-// one virtual machine showed is in BENCHMARKS.md). So freed output buffers are kept (at most
-// kSlots of them) and handed out again when a new output fits, like a caching allocator.
-// softmax_ce.empty_cache() releases them. New buffers are 2 MB aligned and advised into
+// one virtual machine showed is in docs/bench-history/2026-11-28-cpu.md). So freed output buffers
+// are kept (at most kSlots of them) and handed out again when a new output fits, like a caching
+// allocator. softmax_ce.empty_cache() releases them. New buffers are 2 MB aligned and advised into
 // transparent huge pages (Linux, THP in madvise mode).
 class OutputCache {
  public:

@@ -253,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd_reduced_as(
   return {at::scalar_tensor(mean ? t / denom : t, acc), lse, grad.view({N, C}), grad_scale};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_bwd_reduced(
+// The loss, lse, gradient and d(loss)/d(per-position loss) of a reduced loss in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_bwd_reduced(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double eps, double z, double softcap, bool mean) {
   check_host_inputs(logits, target);
@@ -264,12 +265,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_bwd_reduced(
   return fwd_bwd_reduced_as<float>(logits, target, w, ignore_index, eps, z, softcap, mean);
 }
 
-// ce_loss_host: ce_fwd_bwd_reduced with its backward in C++ (an autograd node of its own, no
+// ce_loss_host: fwd_bwd_reduced with its backward in C++ (an autograd node of its own, no
 // Python on the way): the gradient the forward formed is handed over when the upstream gradient
 // is 1; otherwise it is redone in its buffer (first backward) or recomputed (later ones) by the
 // backward kernel, as autograd.py's ReducedCrossEntropyFunction does, so the bits are the same
-// as on the general path. A differentiable backward (create_graph=True) forms the gradient from
-// ATen ops, g (A_i + 2 z lse_i) softmax(x) - g b, which autograd differentiates again.
+// as on the general path. A differentiable backward (create_graph=True) calls
+// softmax_ce::ce_bwd_differentiable (autograd.py's Function, whose backward is the second
+// derivative): no formula of its own here.
 struct HostCeFunction : public torch::autograd::Function<HostCeFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -278,7 +280,7 @@ struct HostCeFunction : public torch::autograd::Function<HostCeFunction> {
                 "softmax_ce: argument 'weight' requires grad; softmax_ce does not differentiate "
                 "with respect to class weights");
     auto [total, lse, grad, grad_scale] =
-        ce_fwd_bwd_reduced(logits, target, weight, ignore_index, eps, z, 0.0, mean);
+        fwd_bwd_reduced(logits, target, weight, ignore_index, eps, z, 0.0, mean);
     const at::Tensor w = weight.has_value() ? *weight : at::Tensor();
     ctx->save_for_backward({logits, target, w, lse, grad_scale, grad});
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -300,8 +302,20 @@ struct HostCeFunction : public torch::autograd::Function<HostCeFunction> {
     torch::autograd::variable_list grads(7);
     if (!ctx->needs_input_grad(0)) return grads;
     if (at::GradMode::is_enabled()) {
-      grads[0] = differentiable_grad(upstream * grad_scale, logits, target, weight, ignore_index,
-                                     eps, z);
+      static const auto differentiable =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("softmax_ce::ce_bwd_differentiable", "")
+              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+                                double, double, double)>();
+      const at::Tensor g = (upstream * grad_scale).expand({N, 1});
+      const std::optional<at::Tensor> w =
+          weight.defined() ? std::optional<at::Tensor>(weight.to(acc_type(logits.scalar_type())))
+                           : std::nullopt;
+      grads[0] = differentiable
+                     .call(g, logits.view({N, C, 1}), target.view({N, 1}), w, lse.view({N, 1}),
+                           ignore_index, eps, z, 0.0)
+                     .view({N, C});
       return grads;
     }
     const bool first = !ctx->saved_data["handed_over"].toBool();
@@ -318,26 +332,6 @@ struct HostCeFunction : public torch::autograd::Function<HostCeFunction> {
                         ignore_index, eps, z, 0.0, false, out);
     grads[0] = out.view({N, C});
     return grads;
-  }
-
-  // g (A_i + 2 z lse_i) p - g b in ATen ops (differentiable in the logits and g).
-  static at::Tensor differentiable_grad(const at::Tensor& g, const at::Tensor& logits,
-                                        const at::Tensor& target, const at::Tensor& weight,
-                                        int64_t ignore_index, double eps, double z) {
-    const at::ScalarType acc = acc_type(logits.scalar_type());
-    const int64_t C = logits.size(1);
-    const at::Tensor x = logits.to(acc);
-    const at::Tensor lse = at::logsumexp(x, {1}, true);
-    const at::Tensor p = at::exp(x - lse);
-    const at::Tensor valid = target.ne(ignore_index);
-    const at::Tensor safe = at::where(valid, target, at::zeros_like(target));
-    const at::Tensor w = weight.defined() ? weight.to(acc) : at::ones({C}, x.options());
-    const at::Tensor kept = valid.to(acc).unsqueeze(1);
-    const at::Tensor w_y = w.index_select(0, safe).unsqueeze(1);
-    const at::Tensor a = (1 - eps) * w_y + (eps / C) * w.sum();
-    const at::Tensor b = (1 - eps) * w_y * at::one_hot(safe, C).to(acc) + (eps / C) * w;
-    const at::Tensor grad = g * kept * ((a + 2 * z * lse) * p - b);
-    return grad.to(logits.scalar_type());
   }
 };
 
@@ -363,7 +357,6 @@ TORCH_LIBRARY_IMPL(softmax_ce, CPU, m) {
                 &backward_redo>::register_all(m);
   m.impl("fixed_sum", static_cast<at::Tensor (*)(const at::Tensor&)>(&fixed_sum));
   m.impl("ce_reduced", &ce_reduced);
-  m.impl("ce_fwd_bwd_reduced", &ce_fwd_bwd_reduced);
   m.impl("ce_loss_host", &ce_loss_host_cpu);
 }
 

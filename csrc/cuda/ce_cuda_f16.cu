@@ -1,5 +1,5 @@
 // The cross-entropy CUDA kernels for c10::Half logits (one translation unit per dtype).
-#include "ce_kernels.cuh"
+#include "ce_launches.cuh"
 
 namespace softmax_ce::cuda {
 

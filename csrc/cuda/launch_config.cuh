@@ -88,9 +88,9 @@ struct ClusterPlan {
 // power of two of blocks that gives slices of at most that size, up to 8 (the portable cluster
 // size; or SOFTMAX_CE_CUDA_CLUSTER, 0 or 1: none), the last two experiment switches for the GPU
 // check script. Wider rows than 8 slices take 8 larger slices. float32 rows only, as measured
-// (H200, BENCHMARKS.md): (8192, 32000) float32 0.81 -> 0.69 ms; bfloat16 rows were slower in
-// clusters ((8192, 32000) 0.44 -> 0.50 ms, (4096, 128256) 0.93 -> 0.96 ms) and keep one block
-// per row; float64 was not measured.
+// (H200, docs/bench-history/2026-11-29-gpu-h200.md): (8192, 32000) float32 0.81 -> 0.69 ms;
+// bfloat16 rows were slower in clusters ((8192, 32000) 0.44 -> 0.50 ms, (4096, 128256) 0.93 ->
+// 0.96 ms) and keep one block per row; float64 was not measured.
 inline ClusterPlan cluster_plan(int64_t C, int elem_size, int vec, int64_t outer) {
   static const int max_blocks = [] {
     const char* v = std::getenv("SOFTMAX_CE_CUDA_CLUSTER");

@@ -33,7 +33,7 @@ from .cases import (
 )
 from .linear_cases import format_linear_table
 from .harness import (
-    DTYPES, Record, Timer, _minutes, copy_bandwidth, format_table, log, machine_info,
+    DTYPES, Record, Timer, minutes, copy_bandwidth, format_table, log, machine_info,
     parse_shapes, plot,
 )
 
@@ -145,7 +145,7 @@ def run(args) -> int:
         left = ""
         if step and done:
             elapsed = time.perf_counter() - start
-            left = f", about {_minutes(elapsed * (sum(weights) - done) / done)} left"
+            left = f", about {minutes(elapsed * (sum(weights) - done) / done)} left"
         log(f"[{step + 1}/{steps}{left}] {what}")
 
     records: List[Record] = []
@@ -169,7 +169,7 @@ def run(args) -> int:
             MEMORY[recs[0].op](recs, device, not args.no_compile)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    log(f"done in {_minutes(time.perf_counter() - start)}")
+    log(f"done in {minutes(time.perf_counter() - start)}")
     payload = {"machine": info, "records": [asdict(r) for r in records]}
     if args.json and args.json != "-":
         with open(args.json, "w") as f:

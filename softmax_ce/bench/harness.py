@@ -18,8 +18,8 @@ import torch
 import softmax_ce
 
 # torch.compile's on-disk cache does not tell the CPU kernel variants apart: code cached under
-# one ATEN_CPU_CAPABILITY and reused under another gave wrong results (torch 2.13, BENCHMARKS.md).
-# A variant chosen by hand gets a cache of its own.
+# one ATEN_CPU_CAPABILITY and reused under another gave wrong results (torch 2.13,
+# docs/bench-history/2026-11-29-cpu.md). A variant chosen by hand gets a cache of its own.
 if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"torchinductor_softmax_ce_{os.environ['ATEN_CPU_CAPABILITY']}")
@@ -33,7 +33,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 

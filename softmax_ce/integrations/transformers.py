@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear import _linear_cross_entropy
+from .._linear_core import linear_cross_entropy_acc
 
 __all__ = ["apply", "remove", "is_applied", "SUPPORTED_MODEL_TYPES"]
 
@@ -182,8 +182,9 @@ def _fused_loss(model, hidden, shift_labels, num_items, ignore_index, chunk_size
         h, lin_w = h.to(dtype), lin_w.to(dtype)
         lin_b = lin_b.to(dtype) if lin_b is not None else None
     with torch.autocast(device, enabled=False):  # the chunked path, in those dtypes
-        loss = _linear_cross_entropy(h, lin_w, target, lin_b, None, reduction, ignore_index, 0.0,
-                                     None, 0.0, softcap, chunk_size, None)
+        loss = linear_cross_entropy_acc(h, lin_w, target, lin_b, reduction=reduction,
+                                        ignore_index=ignore_index, softcap=softcap,
+                                        chunk_size=chunk_size)
     # transformers computes the loss on float32 logits; float64 models keep their precision
     loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
     if num_items is not None:

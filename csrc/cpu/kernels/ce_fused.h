@@ -35,9 +35,10 @@ struct BwdKernel {
 // (row_stats, kKeep) in float scratch — the gradient buffer itself for float / double logits, a
 // per-thread buffer of C floats for half types — and the gradient pass forms
 // k p_c - b_c with p_c = keep[c] exp(ref_k - lse) from it: one exponential per logit instead of
-// one in each pass (the two passes were compute-bound: BENCHMARKS.md). The loss and lse are the
-// forward kernel's bit for bit, the gradient the backward kernel's (which forms p_c from the
-// same two factors: ce_backward.h, chunk_refs).
+// one in each pass (the two passes were compute-bound:
+// docs/bench-history/2026-11-30-cpu-kernels-round-2.md). The loss and lse are the forward
+// kernel's bit for bit, the gradient the backward kernel's (which forms p_c from the same two
+// factors: ce_backward.h, chunk_refs).
 template <typename T, Dot kDot, bool kW>
 Status ce_fused_rows(const CeArgs& a, int64_t begin, int64_t end) {
   using RG = RowGradient<T, false, kDot, kW>;
