@@ -331,10 +331,7 @@ class ReducedCrossEntropyFunction(torch.autograd.Function):
 def _prob_target_grad(grad_loss, logits, target, weight, eps, softcap):
     """dloss/dt_c = -(1 - eps) w_c log_softmax(x')_c, through our differentiable Function."""
     logp = LogSoftmaxFunction.apply(reference.capped(logits, softcap))
-    scale = grad_loss.unsqueeze(1) * (1 - eps)
-    if weight is not None:
-        scale = scale * weight.view(1, -1, 1)
-    return (-scale * logp).to(target.dtype)
+    return reference.prob_target_gradient(logp, grad_loss, weight, eps).to(target.dtype)
 
 
 def _ce_grad_inplace(grad_loss, logits, target, weight, lse, prob, ignore_index, eps, z_loss,

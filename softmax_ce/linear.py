@@ -12,12 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _args as A
-from ._linear_core import (
-    check_shapes,
-    chunk_option,
-    default_chunk_size,
-    linear_cross_entropy_acc,
-)
+from ._linear_core import default_chunk_size, linear_cross_entropy_acc
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -38,6 +33,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     grad_weight_acc_dtype: Optional[torch.dtype] = None,
     process_group=None,
+    sequence_parallel: bool = False,
 ) -> Tensor:
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` with the logits
     computed a chunk of rows at a time, never whole; torch 2.13's ``F.linear_cross_entropy``
@@ -55,27 +51,36 @@ def linear_cross_entropy(
 
     ``process_group`` (vocab-parallel): ``linear_weight`` (and ``linear_bias``) hold this rank's
     slice of the vocabulary rows, ``[r * C_local, (r + 1) * C_local)`` on rank r, slices of one
-    size; ``input``, ``target`` (global class indices, or probabilities sliced like the local
-    logits) and ``weight`` (all classes) are the same on every rank. The logits are never whole
-    on any rank. The input's gradient is the full one, already summed over the group inside
-    this function (do not all-reduce it again); the weight's and bias's are this rank's slice.
-    Collectives: one all-gather of a few floats per row and one all-reduce of the input's
-    gradient, both in the forward for a ``mean`` / ``sum`` loss (``softmax_ce.distributed``).
+    size; ``input`` is the same on every rank, or with ``sequence_parallel=True`` this rank's rows
+    of the batch (rank r the r-th of torch.chunk's split of the N positions); ``target`` (every
+    position's global class index, or probabilities sliced like the local logits) and ``weight``
+    (all classes) are the same on every rank. The logits are never whole on any rank. The
+    input's gradient is already summed over the group inside this function (do not all-reduce
+    it again); the weight's and bias's are this rank's slice. A ``linear_weight`` that is a
+    DTensor sharded on the vocabulary takes this path without the argument (``input`` a plain
+    tensor, a replicated DTensor or a DTensor sharded on positions); the loss is then a
+    replicated DTensor and each gradient has its input's placements. docs/distributed.md lists
+    the collectives per step.
     """
-    if process_group is not None:
-        from .distributed import linear_cross_entropy_over_group
+    if process_group is not None or A.is_dtensor(linear_weight) or A.is_dtensor(input):
+        from . import distributed
 
         fn = "linear_cross_entropy"
-        reduction = A.reduction_of(None, None, reduction)
-        check_shapes(input, linear_weight, linear_bias, fn)
-        if options is not None or grad_weight_acc_dtype is not None:
-            raise NotImplementedError(f"{fn}: options and grad_weight_acc_dtype are not "
-                                      "supported with a process group")
-        opts = A.ce_options(-100 if ignore_index is None else ignore_index, label_smoothing,
-                            z_loss, softcap, fn)
-        return linear_cross_entropy_over_group(
-            input, linear_weight, target, linear_bias, weight, reduction, opts,
-            chunk_option(None, chunk_size, fn), process_group, fn)
+        args = distributed.HeadArgs(reduction, ignore_index, label_smoothing, z_loss, softcap,
+                                    chunk_size, options, grad_weight_acc_dtype)
+        if process_group is not None:
+            return distributed.linear_cross_entropy_over_group(
+                input, linear_weight, target, linear_bias, weight, args, process_group,
+                sequence_parallel, fn)
+        if not A.is_dtensor(linear_weight) or sequence_parallel:
+            raise NotImplementedError(
+                f"{fn}: a DTensor 'input' needs a DTensor 'linear_weight' sharded on the "
+                "vocabulary, and sequence_parallel=True a process_group (a DTensor input sharded "
+                "on positions is sequence-parallel by its placements)")
+        return distributed.linear_cross_entropy_dtensor(input, linear_weight, target,
+                                                        linear_bias, weight, args, fn)
+    if sequence_parallel:
+        raise ValueError("linear_cross_entropy: sequence_parallel=True needs a process_group")
     loss = linear_cross_entropy_acc(input, linear_weight, target, linear_bias, weight, reduction,
                                     ignore_index, label_smoothing, options, z_loss, softcap,
                                     chunk_size, grad_weight_acc_dtype)

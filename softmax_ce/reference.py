@@ -166,6 +166,16 @@ def prob_gradient(p, g, coef, b, inplace=False):
     return g * (coef * p - b)
 
 
+def prob_target_gradient(logp, g, weight, label_smoothing):
+    """dloss/dt_c = -g (1 - eps) w_c log p_c, the gradient of a probability target (``logp``
+    ``[n, C_p, inner]``: log-probabilities of the capped logits; ``weight``: the weights of its
+    columns)."""
+    scale = g.unsqueeze(1) * (1 - label_smoothing)
+    if weight is not None:
+        scale = scale * weight.view(1, -1, 1)
+    return -scale * logp
+
+
 def ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
     """dloss/dx_c = g * [(A + 2 z lse) p_c - (eps/C) w_c - (1 - eps) w_y [c = y]] * cap'(x_c)."""
     C = logits.shape[1]

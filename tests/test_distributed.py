@@ -4,18 +4,13 @@ instead of hanging). Every case holds the result to torch on the gathered logits
 to a float64 formula for z-loss and soft-capping); the loss must be bit-identical on every
 rank; collectives are counted; errors must be raised on every rank."""
 
-import datetime
-import json
-import os
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import softmax_ce
+from dist_harness import GATHER, assert_same_on_every_rank, count_collectives, expect_error, run_cases
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -180,53 +175,48 @@ def case_every_position_ignored(rank, world, group):
 
 
 def case_collective_count(rank, world, group):
-    names = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
-             "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather",
-             "scatter", "reduce", "barrier"]
-    calls = []
-    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
-
-    def counting(name, f):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return f(*args, **kwargs)
-        return wrapper
-
-    for n, f in originals.items():
-        setattr(dist, n, counting(n, f))
-    try:
-        counts = {}
-        C = 4 * world
+    """The collectives of a first call (new shapes or options: the headers agreed first) and of
+    a steady one (one collective per forward, none in backward)."""
+    counts = {}
+    C = 4 * world
+    with count_collectives() as calls:
         for reduction in ("mean", "none"):
-            x = torch.randn(6, C // world, requires_grad=True)
-            t = torch.randint(0, C, (6,))
-            del calls[:]
-            loss = softmax_ce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1,
-                                            z_loss=1e-3, process_group=group)
-            counts[f"ce {reduction} forward"] = list(calls)
-            del calls[:]
-            loss.sum().backward()
-            counts[f"ce {reduction} backward"] = list(calls)
-        h = torch.randn(6, 3, requires_grad=True)
-        w = torch.randn(C // world, 3, requires_grad=True)
-        t = torch.randint(0, C, (6,))
-        del calls[:]
-        loss = softmax_ce.linear_cross_entropy(h, w, t, process_group=group)
-        counts["linear forward"] = list(calls)
-        del calls[:]
-        loss.backward()
-        counts["linear backward"] = list(calls)
-    finally:
-        for n, f in originals.items():
-            setattr(dist, n, f)
-    gather = "all_gather_single" if "all_gather_single" in originals \
-        else "all_gather_into_tensor"  # the one softmax_ce calls
-    assert counts["ce mean forward"] == [gather], counts
-    assert counts["ce mean backward"] == [], counts
-    assert counts["ce none forward"] == [gather], counts
-    assert counts["ce none backward"] == [], counts
-    assert counts["linear forward"] == [gather, "all_reduce"], counts
-    assert counts["linear backward"] == [], counts
+            for call in ("first", "steady"):
+                x = torch.randn(6, C // world, requires_grad=True)
+                t = torch.randint(0, C, (6,))
+                del calls[:]
+                loss = softmax_ce.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1,
+                                                z_loss=1e-3, process_group=group)
+                counts[f"ce {reduction} {call} forward"] = list(calls)
+                del calls[:]
+                loss.sum().backward()
+                counts[f"ce {reduction} {call} backward"] = list(calls)
+        for reduction in ("mean", "none"):
+            for call in ("first", "steady"):
+                h = torch.randn(6, 3, requires_grad=True)
+                w = torch.randn(C // world, 3, requires_grad=True)
+                t = torch.randint(0, C, (6,))
+                del calls[:]
+                loss = softmax_ce.linear_cross_entropy(h, w, t, reduction=reduction,
+                                                       process_group=group)
+                counts[f"linear {reduction} {call} forward"] = list(calls)
+                del calls[:]
+                loss.sum().backward()
+                counts[f"linear {reduction} {call} backward"] = list(calls)
+    expected = {}
+    for reduction in ("mean", "none"):
+        expected[f"ce {reduction} first forward"] = [GATHER, GATHER]
+        expected[f"ce {reduction} steady forward"] = [GATHER]
+        expected[f"ce {reduction} first backward"] = []
+        expected[f"ce {reduction} steady backward"] = []
+    expected["linear mean first forward"] = [GATHER, GATHER, "all_reduce"]
+    expected["linear mean steady forward"] = [GATHER, "all_reduce"]
+    expected["linear mean first backward"] = expected["linear mean steady backward"] = []
+    expected["linear none first forward"] = [GATHER, GATHER]
+    expected["linear none steady forward"] = [GATHER]
+    expected["linear none first backward"] = ["all_reduce"]
+    expected["linear none steady backward"] = ["all_reduce"]
+    assert counts == expected, counts
     return counts
 
 
@@ -250,48 +240,39 @@ def case_inplace_and_module(rank, world, group):
     return loss.item()
 
 
-def _expect_error(kind, match, f):
-    try:
-        f()
-    except kind as error:
-        assert match in str(error), str(error)
-        return f"{kind.__name__}: {match}"
-    raise AssertionError(f"no {kind.__name__} raised")
-
-
 def case_errors_on_every_rank(rank, world, group):
     out = []
     # rank 0 holds one class more than the others
     c_local = 4 + (1 if rank == 0 else 0)
     x = torch.randn(5, c_local, requires_grad=True)
     t = torch.randint(0, 4, (5,))
-    out.append(_expect_error(RuntimeError, "of the same size", lambda: softmax_ce.cross_entropy(
+    out.append(expect_error(RuntimeError, "of the same size", lambda: softmax_ce.cross_entropy(
         x, t, process_group=group)))
     # a target outside the global range (same target on every rank)
     x = torch.randn(5, 4, requires_grad=True)
     bad = torch.tensor([0, 1, 4 * world, 2, 3])
-    out.append(_expect_error(IndexError, f"Target {4 * world} is out of bounds",
+    out.append(expect_error(IndexError, f"Target {4 * world} is out of bounds",
                              lambda: softmax_ce.cross_entropy(x, bad, process_group=group)))
     # only the last rank passes a weight of the wrong size: every rank raises
     w = torch.ones(4 * world + (1 if rank == world - 1 else 0))
     if rank == world - 1:
-        out.append(_expect_error(RuntimeError, "weight tensor should be defined",
+        out.append(expect_error(RuntimeError, "weight tensor should be defined",
                                  lambda: softmax_ce.cross_entropy(x, t, w, process_group=group)))
     else:
-        out.append(_expect_error(RuntimeError, f"rank(s) [{world - 1}]",
+        out.append(expect_error(RuntimeError, f"rank(s) [{world - 1}]",
                                  lambda: softmax_ce.cross_entropy(x, t, w, process_group=group)))
     # options that differ between ranks
-    out.append(_expect_error(RuntimeError, "disagree on label_smoothing",
+    out.append(expect_error(RuntimeError, "disagree on label_smoothing",
                              lambda: softmax_ce.cross_entropy(
                                  x, t, label_smoothing=0.1 * (rank + 1), process_group=group)))
     # transforms that this path does not support: an error, never a number
-    out.append(_expect_error(NotImplementedError, "torch.func",
+    out.append(expect_error(NotImplementedError, "torch.func",
                              lambda: torch.func.grad(lambda y: softmax_ce.cross_entropy(
                                  y, t, process_group=group))(x.detach())))
     # a second backward through the gradient formed in the forward
     loss = softmax_ce.cross_entropy(x, t, process_group=group)
     loss.backward(retain_graph=True)
-    out.append(_expect_error(RuntimeError, "second backward", lambda: loss.backward()))
+    out.append(expect_error(RuntimeError, "second backward", lambda: loss.backward()))
     # after all of that the group still works
     loss = softmax_ce.cross_entropy(x, t, process_group=group)
     out.append(loss.item())
@@ -344,7 +325,7 @@ def case_dtensor(rank, world, group):
         out.append(loss.to_local().item().hex())
     # a placement this path does not take: an error, not a number
     xd = distribute_tensor(torch.randn(4 * world, 5), mesh, [Shard(0)])
-    out.append(_expect_error(NotImplementedError, "sharded on the class dimension",
+    out.append(expect_error(NotImplementedError, "must be sharded on dimension 1",
                              lambda: softmax_ce.cross_entropy(xd, torch.zeros(4 * world,
                                                                               dtype=torch.long))))
     return out
@@ -435,49 +416,102 @@ def case_ddp(rank, world, group):
     return [float(g.sum()) for g in grads["torch"]]
 
 
+def case_target_and_weight_gradients(rank, world, group):
+    """Probability targets that require grad get torch's gradient (their slice, on this rank):
+    over a group, as a DTensor sharded like the logits, through the fused head; class weights
+    that require grad raise torch's error (class indices) or ours (probabilities), on every
+    rank; a replicated target that requires grad raises a clear error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out = []
+    g = torch.Generator().manual_seed(21)
+    C = 3 * world
+    close = dict(rtol=1e-10, atol=1e-12)
+    for reduction in ("mean", "sum", "none"):
+        for kw in ({}, {"label_smoothing": 0.2, "softcap": 3.0}):
+            x = torch.randn(5, C, generator=g, dtype=torch.float64)
+            t = torch.softmax(torch.randn(5, C, generator=g, dtype=torch.float64), 1)
+            w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+            xf, tf = x.clone().requires_grad_(), t.clone().requires_grad_()
+            cap = kw.get("softcap")
+            xc = cap * torch.tanh(xf / cap) if cap else xf
+            expected = F.cross_entropy(xc, tf, w, reduction=reduction,
+                                       label_smoothing=kw.get("label_smoothing", 0.0))
+            expected.sum().backward()
+            xl = local_slice(x, rank, 3).clone().requires_grad_()
+            tl = local_slice(t, rank, 3).clone().requires_grad_()
+            loss = softmax_ce.cross_entropy(xl, tl, w, reduction=reduction, process_group=group,
+                                            **kw)
+            loss.sum().backward()
+            torch.testing.assert_close(loss, expected.detach(), **close)
+            torch.testing.assert_close(xl.grad, local_slice(xf.grad, rank, 3), **close)
+            torch.testing.assert_close(tl.grad, local_slice(tf.grad, rank, 3), **close)
+            out.append(float(loss.sum()))
+    # DTensor logits and a DTensor target sharded like them
+    mesh = init_device_mesh("cpu", (world,))
+    x = torch.randn(4, C, generator=g, dtype=torch.float64)
+    t = torch.softmax(torch.randn(4, C, generator=g, dtype=torch.float64), 1)
+    xf, tf = x.clone().requires_grad_(), t.clone().requires_grad_()
+    F.cross_entropy(xf, tf).backward()
+    xd = distribute_tensor(x.clone(), mesh, [Shard(1)]).requires_grad_()
+    td = distribute_tensor(t.clone(), mesh, [Shard(1)]).requires_grad_()
+    softmax_ce.cross_entropy(xd, td).backward()
+    torch.testing.assert_close(td.grad.full_tensor(), tf.grad, **close)
+    torch.testing.assert_close(xd.grad.full_tensor(), xf.grad, **close)
+    out.append(expect_error(NotImplementedError, "sharded like the logits",
+                            lambda: softmax_ce.cross_entropy(xd, t.clone().requires_grad_())))
+    # the fused head with probabilities sliced like its local logits
+    h = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(C, 5, generator=g, dtype=torch.float64)
+    hf, Wf, tf = h.clone().requires_grad_(), W.clone().requires_grad_(), t.clone().requires_grad_()
+    F.cross_entropy(hf @ Wf.t(), tf, label_smoothing=0.1).backward()
+    hl, Wl = h.clone().requires_grad_(), local_slice(W, rank, 3, 0).clone().requires_grad_()
+    tl = local_slice(t, rank, 3).clone().requires_grad_()
+    softmax_ce.linear_cross_entropy(hl, Wl, tl, label_smoothing=0.1, process_group=group,
+                                    chunk_size=3).backward()
+    for got, want in ((hl.grad, hf.grad), (Wl.grad, local_slice(Wf.grad, rank, 3, 0)),
+                      (tl.grad, local_slice(tf.grad, rank, 3))):
+        torch.testing.assert_close(got, want, **close)
+    # class weights that require grad
+    xl = local_slice(x, rank, 3).clone().requires_grad_()
+    wg = torch.ones(C, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, C, (4,), generator=g)
+    out.append(expect_error(RuntimeError, "not differentiable with respect to argument 'weight'",
+                            lambda: softmax_ce.cross_entropy(xl, idx, wg, process_group=group)))
+    out.append(expect_error(RuntimeError, "does not differentiate with respect to class weights",
+                            lambda: softmax_ce.cross_entropy(xl, local_slice(t, rank, 3), wg,
+                                                             process_group=group)))
+    out.append(expect_error(RuntimeError, "not differentiable with respect to argument 'weight'",
+                            lambda: softmax_ce.linear_cross_entropy(
+                                hl, Wl, idx, weight=wg, process_group=group)))
+    return out
+
+
+def case_dtensor_every_position_ignored(rank, world, group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    xd = distribute_tensor(torch.randn(5, 3 * world, dtype=torch.float64), mesh,
+                           [Shard(1)]).requires_grad_()
+    loss = softmax_ce.cross_entropy(xd, torch.full((5,), -100), label_smoothing=0.1)
+    assert torch.isnan(loss.to_local())
+    loss.backward()
+    assert torch.count_nonzero(xd.grad.to_local()) == 0
+    return "nan loss, zero gradient"
+
+
 SUITES = {
     "all": [case_parity_float64, case_half_and_float32, case_ranks_without_targets_and_gaps,
             case_every_position_ignored, case_collective_count, case_inplace_and_module,
-            case_errors_on_every_rank, case_dtensor, case_linear, case_ddp],
+            case_errors_on_every_rank, case_dtensor, case_linear, case_ddp,
+            case_target_and_weight_gradients, case_dtensor_every_position_ignored],
 }
-
-
-def _worker(rank, world, folder, suite):
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        for case in SUITES[suite]:
-            try:
-                results[case.__name__] = {"ok": True, "value": case(rank, world,
-                                                                   dist.group.WORLD)}
-            except Exception:  # noqa: BLE001 (reported to the test)
-                results[case.__name__] = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        # every rank done, then out without tearing gloo down: its teardown (torch 2.13) aborts a
-        # process now and then ("terminate called without an active exception") after all
-        # results were written, even behind a barrier (once in CI, 2026-11-30)
-        dist.barrier()
-        os._exit(0)
-
-
-def _spawn(world, folder, suite):
-    mp.spawn(_worker, args=(world, str(folder), suite), nprocs=world, join=True)
-    results = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
-    failures = [f"rank {r}, {name}:\n{res['error']}" for r, per_rank in enumerate(results)
-                for name, res in per_rank.items() if not res["ok"]]
-    assert not failures, "\n".join(failures)
-    return results
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_vocab_parallel(world, tmp_path):
-    results = _spawn(world, tmp_path, "all")
+    results = run_cases(world, tmp_path, SUITES["all"])
     assert set(results[0]) == {case.__name__ for case in SUITES["all"]}
-    for name in results[0]:  # the loss is bit-identical on every rank
-        for r in range(1, world):
-            assert results[r][name]["value"] == results[0][name]["value"] or \
-                name in ("case_errors_on_every_rank",), (name, r)
+    assert_same_on_every_rank(results, except_for=("case_errors_on_every_rank",))

@@ -15,7 +15,10 @@ is supported and which collectives run per step.
 
 from .dtensor import cross_entropy_dtensor
 from .group import cross_entropy_over_group, vocab_parallel_cross_entropy
-from .linear_head import linear_cross_entropy_over_group
+from .linear_head import (HeadArgs, linear_cross_entropy_dtensor,
+                          linear_cross_entropy_over_group, linear_over_plan)
+from .protocol import chunk_plan, equal_plan
 
 __all__ = ["cross_entropy_over_group", "cross_entropy_dtensor", "linear_cross_entropy_over_group",
-           "vocab_parallel_cross_entropy"]
+           "linear_cross_entropy_dtensor", "linear_over_plan", "HeadArgs", "equal_plan",
+           "chunk_plan", "vocab_parallel_cross_entropy"]

@@ -1,59 +1,127 @@
-"""``linear_cross_entropy(..., process_group=group)``: the fused linear head over vocabulary
-slices. Each rank holds a slice of the head's rows; the statistics pass runs a chunk of rows at a
-time from ``input @ linear_weightᵀ`` (the logits never whole on any rank, ``chunk_logits``), then
-the one all-gather, then a second pass over the chunks (the GEMM recomputed) forms the gradients.
-The input's gradient, a partial sum on each rank, is summed over the group by an all-reduce inside
-the Function (the only other collective)."""
+"""The fused linear head over vocabulary slices: ``linear_cross_entropy(..., process_group=group)``
+with plain tensors, and ``linear_cross_entropy`` with a DTensor weight sharded on the vocabulary
+(tensor parallel).
+
+Each rank holds a slice of the head's rows (``weight [C_local, H]``); the input is either the
+same on every rank (replicated) or sharded on positions (sequence parallel: this rank's rows,
+gathered inside the Function in the call's first collective, their gradient reduce-scattered
+back). The statistics pass runs a chunk of rows at a time (``chunk_logits``: the logits never
+whole on any rank), then the payload all-gather, then the gradient pass (the GEMM recomputed)
+forms the gradients; the input's gradient, a partial sum on each rank, is summed over the group
+(an all-reduce, or a reduce-scatter for a sequence-parallel input).
+
+Collectives per forward in a steady state: replicated input, the payload all-gather (and the
+all-reduce of the input's gradient for a ``mean`` / ``sum`` loss whose input requires grad);
+sequence-parallel input, the input's all-gather, the payload all-gather (and the reduce-scatter).
+``reduction='none'`` moves the gradient's reduction to backward; nothing else runs in backward.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import _args as A
-from .._linear_core import chunk_logits, default_chunk_size
+from .._linear_core import Needs, check_shapes, chunk_logits, chunk_option, default_chunk_size
 from ..autograd import input_grads
 from ..fixed_sum import fixed_order_sum
 from ..reference import acc_dtype, capped
 from . import protocol as P
+from .dtensor import class_shard, replicated_local
+from .group import target_grad
 from .slices import Column, Combined, combine, index_payload, prob_payload, slice_grad, weight_slice
 
-__all__ = ["linear_cross_entropy_over_group"]
+__all__ = ["HeadArgs", "linear_cross_entropy_over_group", "linear_cross_entropy_dtensor",
+           "linear_over_plan"]
 
 
-def _forward(x, lin_w, lin_b, t, w, opts, plan, prob, chunk, fn) -> Combined:
-    """The statistics pass over chunks, the one all-gather, the combination."""
+class _Head(NamedTuple):
+    """The non-tensor arguments of the Function below."""
+
+    reduction: str
+    opts: A.CeOptions
+    plan: P.Plan
+    prob: bool
+    chunk: int
+    needs: Needs  # gradients of (input, weight, bias)
+    sequence_parallel: bool
+    local_rows: int  # this rank's rows of input (sequence parallel: before padding)
+    step: int  # sequence parallel: rows per rank after padding (torch.chunk's split of N)
+    exchange: P.Exchange
+
+
+def _bad_targets(t, head: _Head):
+    if head.prob:
+        return None
+    valid = t != head.opts.ignore_index
+    return valid & ((t < 0) | (t >= head.plan.classes))
+
+
+def _gather_input(x_local, t, head: _Head):
+    """Sequence parallel: every rank's rows in rank order, in the call's first collective (each
+    rank's rows padded to ``local_rows``' agreed maximum); otherwise the input itself."""
+    if not head.sequence_parallel:
+        return x_local
+    pad = head.step - x_local.shape[0]
+    body = torch.cat([x_local, x_local.new_zeros(pad, x_local.shape[1])]) if pad else x_local
+    rows = head.exchange.gather(body, _bad_targets(t, head), t)
+    return rows.reshape(-1, x_local.shape[1])[:t.shape[0]]
+
+
+def _statistics(x, lin_w, lin_b, t, w, head: _Head) -> Combined:
+    """The statistics pass over chunks, the payload all-gather, the combination."""
+    opts, plan = head.opts, head.plan
     w_slice = weight_slice(w, plan)
     N = x.shape[0]
     payload = torch.empty((N, Column.COUNT), dtype=torch.float64, device=x.device)
-    bad = torch.zeros(N, dtype=torch.bool, device=x.device) if not prob else None
-    for s, e, logits in chunk_logits(x, lin_w, lin_b, chunk):
+    for s, e, logits in chunk_logits(x, lin_w, lin_b, head.chunk):
         xa = capped(logits.unsqueeze(-1), opts.softcap)
-        if prob:
+        if head.prob:
             payload[s:e] = prob_payload(xa, t[s:e].unsqueeze(-1), w_slice, opts, plan)
         else:
-            rows, bad_rows = index_payload(xa, t[s:e].unsqueeze(-1), w_slice, opts, plan)
-            payload[s:e] = rows
-            bad[s:e] = bad_rows.squeeze(-1)
-    kind = P.TargetKind.PROB if prob else P.TargetKind.INDEX
-    header = P.make_header(plan, N, kind, opts, bad, t, x.device)
-    data = P.exchange(payload, header, plan, fn)
-    return combine(data, None if prob else t != opts.ignore_index, opts, plan)
+            payload[s:e] = index_payload(xa, t[s:e].unsqueeze(-1), w_slice, opts, plan)[0]
+    if head.sequence_parallel:  # the headers went with the input
+        data = P.all_gather(payload, plan)
+    else:
+        data = head.exchange.gather(payload, _bad_targets(t, head), t)
+    return combine(data, None if head.prob else t != opts.ignore_index, opts, plan)
 
 
-def _grads(x, lin_w, lin_b, t, w, comb, g, opts, plan, prob, chunk, needs):
-    """The gradient pass (the GEMM recomputed per chunk): grad_input summed over the group (an
-    all-reduce), grad_weight / grad_bias of this rank's slice."""
+def _reduce_input_grad(gx, head: _Head):
+    """The input's gradient summed over the group: all of it (replicated input), or this rank's
+    rows (sequence parallel: a reduce-scatter of the padded rows)."""
+    if not head.sequence_parallel:
+        dist.all_reduce(gx, group=head.plan.group)
+        return gx
+    step, world = head.step, head.plan.world
+    full = gx.new_zeros((step * world, gx.shape[1]))
+    full[:gx.shape[0]] = gx
+    mine = gx.new_empty((step, gx.shape[1]))
+    dist.reduce_scatter_tensor(mine, full, group=head.plan.group)
+    return mine[:head.local_rows]
+
+
+def _grads(x, lin_w, lin_b, t, w, comb, g, head: _Head, want_target: bool):
+    """The gradient pass (the GEMM recomputed per chunk): the input's gradient reduced over the
+    group, the weight's / bias's of this rank's slice, and a probability target's slice."""
+    opts, plan, needs = head.opts, head.plan, head.needs
     w_slice = weight_slice(w, plan)
     acc = acc_dtype(x.dtype)
-    gx = torch.zeros_like(x, dtype=acc) if needs[0] else None
-    gw = torch.zeros_like(lin_w, dtype=acc) if needs[1] else None
-    gb = torch.zeros(plan.size, dtype=acc, device=x.device) if needs[2] else None
+    gx = torch.zeros((x.shape[0], x.shape[1]), dtype=acc, device=x.device) \
+        if needs.input else None
+    gw = torch.zeros_like(lin_w, dtype=acc) if needs.weight else None
+    gb = torch.zeros(plan.size, dtype=acc, device=x.device) if needs.bias else None
+    gt = torch.empty_like(t) if want_target else None
     lin_w_acc = lin_w.to(acc) if gx is not None else None  # once, not per chunk
-    for s, e, logits in chunk_logits(x, lin_w, lin_b, chunk):
+    for s, e, logits in chunk_logits(x, lin_w, lin_b, head.chunk):
         tt = t[s:e].unsqueeze(-1)
+        if gt is not None:
+            gt[s:e] = target_grad(logits.unsqueeze(-1), tt, w, comb.rows(s, e), g[s:e],
+                                   head).squeeze(-1)
         G = slice_grad(logits.unsqueeze(-1), tt, w_slice, comb.rows(s, e), g[s:e], opts, plan,
-                       prob).squeeze(-1).to(acc)
+                       head.prob).squeeze(-1).to(acc)
         if gx is not None:
             gx[s:e] = G @ lin_w_acc
         if gw is not None:
@@ -61,45 +129,42 @@ def _grads(x, lin_w, lin_b, t, w, comb, g, opts, plan, prob, chunk, needs):
         if gb is not None:
             gb += G.sum(dim=0)
     if gx is not None:
-        dist.all_reduce(gx, group=plan.group)  # the input is replicated: its gradient sums
-        gx = gx.to(x.dtype)
+        gx = _reduce_input_grad(gx, head).to(x.dtype)
     return (gx, gw.to(lin_w.dtype) if gw is not None else None,
-            gb.to(lin_b.dtype) if gb is not None else None)
+            gb.to(lin_b.dtype) if gb is not None else None, gt)
 
 
 class _LinearVocabParallel(torch.autograd.Function):
-    """mean / sum: every gradient formed in the forward (both collectives there), scaled in
-    backward. 'none': the gradient pass (and its all-reduce) runs in backward."""
+    """mean / sum: every gradient formed in the forward (its collectives there), scaled in
+    backward. 'none': the gradient pass (and its reduction) runs in backward."""
 
     @staticmethod
-    def forward(ctx, x, lin_w, lin_b, t, w, denom, reduction, opts, plan, prob, chunk, fn):
-        needs = (x.requires_grad, lin_w.requires_grad,
-                 lin_b is not None and lin_b.requires_grad)
+    def forward(ctx, x_local, lin_w, lin_b, t, w, denom, head: _Head):
         with torch.no_grad():
-            comb = _forward(x, lin_w, lin_b, t, w, opts, plan, prob, chunk, fn)
-            ctx.reduction = reduction
-            if reduction == "none":
+            x = _gather_input(x_local, t, head)
+            comb = _statistics(x, lin_w, lin_b, t, w, head)
+            ctx.head = head
+            want_target = ctx.needs_input_grad[3]
+            if head.reduction == "none":
                 ctx.save_for_backward(x, lin_w, lin_b, t, w, comb.lse, comb.coef, comb.ref)
-                ctx.args = (opts, plan, prob, chunk, needs)
                 return comb.loss.to(acc_dtype(x.dtype))
             total = fixed_order_sum(comb.loss)
-            scale = (1.0 / denom.double() if reduction == "mean"
+            scale = (1.0 / denom.double() if head.reduction == "mean"
                      else torch.ones((), dtype=torch.float64, device=x.device))
-            ctx.grads = _grads(x, lin_w, lin_b, t, w, comb, scale.expand(comb.lse.shape), opts,
-                               plan, prob, chunk, needs)
+            ctx.grads = _grads(x, lin_w, lin_b, t, w, comb, scale.expand(comb.lse.shape), head,
+                               want_target)
         return (total * scale).to(acc_dtype(x.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
+        head = ctx.head
+        if head.reduction == "none":
             x, lin_w, lin_b, t, w, lse, coef, ref = ctx.saved_tensors
-            opts, plan, prob, chunk, needs = ctx.args
             comb = Combined(None, lse, coef, ref)
-            return input_grads(ctx, *_grads(x, lin_w, lin_b, t, w, comb, grad_out.double(), opts,
-                                            plan, prob, chunk, needs))
-        grads = ctx.grads
-        ctx.grads = None
+            return input_grads(ctx, *_grads(x, lin_w, lin_b, t, w, comb, grad_out.double(), head,
+                                            ctx.needs_input_grad[3]))
+        grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("vocab-parallel linear_cross_entropy: a second backward through "
                                "the same graph (retain_graph=True) is not supported")
@@ -107,57 +172,165 @@ class _LinearVocabParallel(torch.autograd.Function):
                                   for gr in grads))
 
 
-def linear_cross_entropy_over_group(input, linear_weight, target, linear_bias, weight,
-                                    reduction, opts, chunk, process_group, fn):
-    """``linear_cross_entropy(..., process_group=group)``: ``linear_weight`` / ``linear_bias`` are
-    this rank's slice of the vocabulary rows (slices of one size, in rank order); ``input`` and
-    ``target`` are replicated. Called by ``linear.linear_cross_entropy`` after its checks."""
-    P.unsupported_transforms(fn)
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"{fn}: process_group must be a torch.distributed.ProcessGroup, got "
-                        f"{type(process_group).__name__}")
-    plan = P.equal_plan(process_group, linear_weight.shape[0])
+class HeadArgs(NamedTuple):
+    """``linear_cross_entropy``'s options as the caller passed them (checked inside the
+    fail-together guard)."""
+
+    reduction: str = "mean"
+    ignore_index: Optional[int] = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    chunk_size: Optional[int] = None
+    options: object = None
+    grad_weight_acc_dtype: Optional[torch.dtype] = None
+
+
+def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan,
+                     sequence_parallel, fn):
+    """The fused head over ``plan``'s vocabulary slices, on local tensors: ``x_local`` ``[N, H]``
+    (replicated) or ``[N_local, H]`` (sequence parallel: rank r's rows of the batch, in rank
+    order, split as torch.chunk splits N), ``lin_w`` / ``lin_b`` this rank's slice, ``target``
+    all N positions (the same on every rank; probabilities sliced like the local logits). Every
+    check runs inside the fail-together guard. Returns the loss in the input's dtype (``none``:
+    all N positions)."""
+    ex = P.Exchange(plan, fn, x_local.device)
     try:
-        if linear_weight.dim() != 2:
+        P.unsupported_transforms(fn)
+        reduction = A.reduction_of(None, None, args.reduction)
+        if args.options is not None or args.grad_weight_acc_dtype is not None:
+            raise NotImplementedError(f"{fn}: options and grad_weight_acc_dtype are not "
+                                      "supported with a process group or a DTensor weight")
+        if lin_w.dim() != 2:
             raise NotImplementedError(f"{fn}: K-dimensional out_features are not supported with "
-                                      "a process group")
-        shape = (*input.shape[:-1], plan.classes)
-        meta = torch.empty(shape, dtype=input.dtype, device="meta")
-        P.check_global_args(meta, (*input.shape[:-1], plan.size), target, weight, reduction,
+                                      "a process group or a DTensor weight")
+        check_shapes(x_local, lin_w, lin_b, fn)
+        if target.is_floating_point() and args.ignore_index is not None:
+            raise RuntimeError(f"{fn}: ignore_index cannot be specified when target contains "
+                               "probabilities")
+        opts = A.ce_options(-100 if args.ignore_index is None else args.ignore_index,
+                            args.label_smoothing, args.z_loss, args.softcap, fn)
+        chunk = chunk_option(None, args.chunk_size, fn)
+        if sequence_parallel and x_local.dim() != 2:
+            raise RuntimeError(f"{fn}: a sequence-parallel input must be 2-D (this rank's rows, "
+                               f"in_features), got shape {tuple(x_local.shape)}")
+        rows = x_local.shape[0] if x_local.dim() == 2 else 1
+        N = target.shape[0] if sequence_parallel and target.dim() > 0 else rows
+        step = rows
+        if sequence_parallel:  # rank r holds rows [r * step, (r + 1) * step) of the N
+            step = -(-N // plan.world)
+            expected = max(0, min(step, N - plan.rank * step))
+            if rows != expected:
+                raise RuntimeError(
+                    f"{fn}: with a sequence-parallel input, rank {plan.rank} must hold {expected} "
+                    f"of the target's {N} positions (torch.chunk's split over {plan.world} "
+                    f"ranks), got {rows} rows of 'input'")
+        batched = x_local.dim() == 2
+        logical = (N, x_local.shape[-1]) if batched else (x_local.shape[-1],)
+        meta = torch.empty((*logical[:-1], plan.classes), dtype=x_local.dtype, device="meta")
+        P.check_global_args(meta, (*logical[:-1], plan.size), target, weight, reduction,
                             opts.ignore_index, opts.label_smoothing, opts.z_loss,
                             opts.softcap or None, fn)
+        prob = target.is_floating_point()
+        grads = torch.is_grad_enabled() and any(
+            a is not None and a.requires_grad for a in (x_local, lin_w, lin_b, target))
+        needs = Needs(grads and x_local.requires_grad, grads and lin_w.requires_grad,
+                      grads and lin_b is not None and lin_b.requires_grad)
+        flags = (P.FLAG_INPUT_GRAD if needs.input else 0) | \
+            (P.FLAG_SEQUENCE_PARALLEL if sequence_parallel else 0)
+        header = P.make_header(plan, positions=N,
+                               kind=P.TargetKind.PROB if prob else P.TargetKind.INDEX,
+                               reduction=reduction, dtype=x_local.dtype, opts=opts,
+                               in_features=x_local.shape[-1], local_rows=step, flags=flags)
     except Exception as error:  # noqa: BLE001 (re-raised once every rank knows)
-        positions = input.shape[0] if input.dim() == 2 else 1
-        P.fail_together(input.device, plan, fn, error, positions, Column.COUNT)
-    batched = input.dim() == 2
-    x = input if batched else input.unsqueeze(0)
+        ex.fail(error)
+    if sequence_parallel:  # the first collective carries this rank's rows, padded to step
+        nbytes = P.body_bytes(step * x_local.shape[1], x_local.element_size())
+    else:  # it carries the payload
+        nbytes = P.body_bytes(N * Column.COUNT, 8)
+    ex.settle(header, nbytes)
+    x = x_local if batched else x_local.unsqueeze(0)
     t = target if batched else target.unsqueeze(0)
-    prob = t.is_floating_point()
     if prob:
-        t = t.to(input.dtype)
+        t = t.to(x_local.dtype)
         opts = opts._replace(ignore_index=-100)
     elif t.dtype == torch.uint8:
         t = t.to(torch.int64)
-    w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
-    N = x.shape[0]
+    w = weight.to(acc_dtype(x_local.dtype)) if weight is not None else None
     if chunk is None:
         chunk = default_chunk_size(N, plan.size, x.shape[1], x.dtype, acc_dtype(x.dtype))
+    head = _Head(reduction, opts, plan, prob, chunk, needs, sequence_parallel, rows, step, ex)
     if reduction == "mean":
         denom = (torch.full((), float(N), dtype=torch.float64, device=x.device) if prob
                  else A.mean_denominator(t.view(N, 1), w, opts.ignore_index, plan.classes))
     else:
         denom = None
-    grads = torch.is_grad_enabled() and any(
-        a is not None and a.requires_grad for a in (x, linear_weight, linear_bias))
     if grads:
-        loss = _LinearVocabParallel.apply(x.contiguous(), linear_weight, linear_bias, t, w, denom,
-                                          reduction, opts, plan, prob, chunk, fn)
+        loss = _LinearVocabParallel.apply(x.contiguous(), lin_w, lin_b, t, w, denom, head)
     else:
-        comb = _forward(x, linear_weight, linear_bias, t, w, opts, plan, prob, chunk, fn)
-        loss = comb.loss.to(acc_dtype(x.dtype))
+        with torch.no_grad():
+            full = _gather_input(x.contiguous(), t, head)
+            loss = _statistics(full, lin_w, lin_b, t, w, head).loss.to(acc_dtype(x.dtype))
         if reduction != "none":
             total = fixed_order_sum(loss)
             loss = total / denom if reduction == "mean" else total
     if reduction == "none" and not batched:
         loss = loss.reshape(())
-    return loss.to(input.dtype)
+    return loss.to(x_local.dtype)
+
+
+def linear_cross_entropy_over_group(input, linear_weight, target, linear_bias, weight,
+                                    args: HeadArgs, process_group, sequence_parallel, fn):
+    """``linear_cross_entropy(..., process_group=group)``: ``linear_weight`` / ``linear_bias`` are
+    this rank's slice of the vocabulary rows (slices of one size, in rank order); ``input`` is the
+    same on every rank, or with ``sequence_parallel=True`` this rank's rows (the same number on
+    every rank); ``target`` holds every position, the same on every rank."""
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"{fn}: process_group must be a torch.distributed.ProcessGroup, got "
+                        f"{type(process_group).__name__}")
+    plan = P.equal_plan(process_group, linear_weight.shape[0] if linear_weight.dim() else 0)
+    return linear_over_plan(input, linear_weight, linear_bias, target, weight, args, plan,
+                            bool(sequence_parallel), fn)
+
+
+def linear_cross_entropy_dtensor(input, linear_weight, target, linear_bias, weight,
+                                 args: HeadArgs, fn):
+    """``linear_cross_entropy`` with ``linear_weight`` a DTensor sharded on the vocabulary
+    (dimension 0) along one mesh dimension and replicated along the others, ``linear_bias`` None
+    or sharded alike, ``input`` a plain tensor (the same on every rank), a replicated DTensor, or
+    a DTensor sharded on positions (dimension 0) along the weight's mesh dimension (sequence
+    parallel). Returns the loss as a replicated DTensor; the gradients come back with each
+    input's placements."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh_dim, plan = class_shard(linear_weight, 0, fn, "linear_weight")
+    mesh = linear_weight.device_mesh
+    if linear_bias is not None and (not isinstance(linear_bias, DTensor)
+                                    or tuple(linear_bias.placements)
+                                    != tuple(linear_weight.placements)):
+        raise NotImplementedError(f"{fn}: with a DTensor linear_weight, linear_bias must be a "
+                                  "DTensor sharded like it")
+    sequence_parallel = False
+    if isinstance(input, DTensor):
+        if input.device_mesh != mesh:
+            raise NotImplementedError(f"{fn}: 'input' and 'linear_weight' must be DTensors on "
+                                      "the same device mesh")
+        others = [p for i, p in enumerate(input.placements) if i != mesh_dim]
+        mine = input.placements[mesh_dim]
+        if any(not isinstance(p, Replicate) for p in others) or not (
+                isinstance(mine, Replicate) or (isinstance(mine, Shard) and mine.dim == 0)):
+            raise NotImplementedError(
+                f"{fn}: a DTensor 'input' must be replicated, or sharded on positions "
+                f"(dimension 0) along the weight's mesh dimension; got {input.placements}")
+        sequence_parallel = isinstance(mine, Shard)
+        x_local = input.to_local(grad_placements=input.placements)
+    else:
+        x_local = input
+    w_local = linear_weight.to_local(grad_placements=linear_weight.placements)
+    b_local = (linear_bias.to_local(grad_placements=linear_bias.placements)
+               if linear_bias is not None else None)
+    target = replicated_local(target, "target", fn)
+    weight = replicated_local(weight, "weight", fn)
+    loss = linear_over_plan(x_local, w_local, b_local, target, weight, args, plan,
+                            sequence_parallel, fn)
+    return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -129,6 +129,10 @@ def index_payload(xa, t, w_slice, opts: A.CeOptions, plan: Plan):
         gap = gap + (eps / C) * d.double().sum(dim=1)
         mass = mass + (eps / C) * w_total
     bad = valid & ((t < 0) | (t >= C))
+    # an out-of-range class: the host raises an IndexError where it reads the headers; where it
+    # does not (a steady CUDA step) the position's loss and gradient are NaN, as on one device
+    nan = torch.full_like(gap, math.nan)
+    gap, mass = torch.where(bad, nan, gap), torch.where(bad, nan, mass)
     return _columns(lse_r, ref, gap, mass), bad  # ignored positions: masked by combine
 
 
