@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with what softmax_ce needs (torch 2.13.0 CPU build, numpy, pytest, hypothesis,
-# ninja; scikit-learn and transformers for the tests of the examples and the integration),
+# ninja; scikit-learn, transformers and peft for the tests of the examples and the integration),
 # builds the extension into the source tree and installs the package in editable mode.
 #
 # Idempotent and incremental: a second run with nothing changed takes seconds. The build is
@@ -22,7 +22,7 @@ if ! "$PY" - <<'EOF' 2>/dev/null
 import importlib.metadata as m
 need = {"torch": "2.13.0", "numpy": None, "pytest": None, "hypothesis": None,
         "setuptools": None, "wheel": None, "ninja": None, "scikit-learn": None,
-        "transformers": "5.24.0"}
+        "transformers": "5.24.0", "peft": "0.21.2"}
 for name, version in need.items():
     have = m.version(name)
     if version and have.split("+")[0] != version:
@@ -30,9 +30,9 @@ for name, version in need.items():
 EOF
 then
   say "installing torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja scikit-learn" \
-    "transformers==5.24.0"
+    "transformers==5.24.0 peft==0.21.2"
   "$VENV/bin/pip" install -q torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja \
-    scikit-learn transformers==5.24.0
+    scikit-learn transformers==5.24.0 peft==0.21.2
 fi
 
 stamp_file=build/softmax_ce.stamp

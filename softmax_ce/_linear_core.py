@@ -273,6 +273,9 @@ def _composite_grads(ctx, grad_out, x, lin_w, lin_b, target, weight):
     """A differentiable backward (create_graph=True): the composite's gradients."""
     needs = ctx.needs_input_grad[:3]
     inputs = [t for t, need in zip((x, lin_w, lin_b), needs) if need]
+    # the class weight in the input's dtype again, as the caller gave it (the Functions hold it
+    # in the accumulation dtype, an exact widening): cross_entropy requires the input's dtype
+    weight = weight.to(x.dtype) if weight is not None else None
     with torch.enable_grad():
         loss = composite(x, lin_w, lin_b, target, weight, ctx.config.reduction, ctx.config.opts)
     got = iter(torch.autograd.grad(loss, inputs, grad_out, create_graph=True))

@@ -11,13 +11,15 @@ Training loops of other libraries (timm, Lightning, Hugging Face's Trainer) call
 ``torch.nn.functional.cross_entropy`` by attribute at each call and so get ours. Code that bound
 the function itself before the patch (``from torch.nn.functional import cross_entropy``) keeps
 torch's. Calls whose arguments have a ``__torch_function__`` override (tensor subclasses) or are
-DTensors go to torch's function, which dispatches them as before. Patches nest: the last exit
+DTensors go to torch's function, which dispatches them as before, and so do calls on a device
+that the compiled kernels do not serve (a warning says so once per device type). Patches nest: the last exit
 (or ``unpatch()``) restores torch's function.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as _torch_F
 from torch import Tensor
 
 from . import _args as A
-from . import functional
+from . import functional, ops
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -37,7 +39,7 @@ _depth = [0]
 def _cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                    size_average=None, ignore_index: int = -100, reduce=None,
                    reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    if _defer_to_torch(input, target, weight):
+    if _defer_to_torch(input, target, weight) or not _compiled_for(input):
         return _original[0](input, target, weight, size_average, ignore_index, reduce, reduction,
                             label_smoothing)
     return functional.cross_entropy(input, target, weight, size_average, ignore_index, reduce,
@@ -50,6 +52,27 @@ def _defer_to_torch(*tensors) -> bool:
     if torch.overrides.has_torch_function_variadic(*tensors):
         return True
     return any(A.is_dtensor(t) for t in tensors)
+
+
+_compiled = {}  # device type -> whether the compiled kernels serve it
+
+
+def _compiled_for(input) -> bool:
+    """Whether the compiled kernels serve the input's device. Where they do not (a CUDA device
+    without the CUDA kernels built, the extension missing), torch's function is faster than our
+    pure-PyTorch reference: the call goes there, with a warning once per device type."""
+    if not isinstance(input, Tensor):
+        return True  # torch's checks, through ours
+    kind = input.device.type
+    known = _compiled.get(kind)
+    if known is None:
+        known = _compiled[kind] = ops.implementation(kind) == "compiled"
+        if not known:
+            warnings.warn(
+                f"softmax_ce.patch(): no compiled kernels for {kind} tensors (`python -m "
+                "softmax_ce info` says why); torch.nn.functional.cross_entropy runs torch's own "
+                "function for them", RuntimeWarning, stacklevel=3)
+    return known
 
 
 _cross_entropy.__doc__ = (

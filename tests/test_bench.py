@@ -61,3 +61,16 @@ def test_bench_cases_filter_json_file_and_final_line(tmp_path):
     assert "[1/1" in out.stderr  # progress: case i of n
     missing = _cli("bench", "--cases", "no-such-case")
     assert missing.returncode != 0 and "matches none" in missing.stderr
+
+
+def test_distributed_bench_runs_and_reports():
+    """bench --distributed on tiny shapes: every row is there, times and memory are numbers."""
+    from softmax_ce.bench import distributed
+
+    result = distributed.run(64, 128, "float32", rounds=1, head=(32, 8, 64))
+    assert len(result["rank_seconds"]) == 2 and all(s > 0 for s in result["rank_seconds"])
+    assert result["head_single"][0] > 0
+    assert [sorted(r) for r in result["head_ranks"]] == [["replicated", "sequence"]] * 2
+    text = distributed.report(result)
+    assert "fused linear cross-entropy (N, H, C) = (32, 8, 64)" in text
+    assert text.count("input sequence:") == 2 and text.count("input replicated:") == 2

@@ -209,3 +209,45 @@ def test_out_of_range_target_in_a_fused_mean(C):
     xr = x.detach()[[0, 2]].requires_grad_()
     F.cross_entropy(xr, t[[0, 2]], reduction="sum").backward()
     torch.testing.assert_close(x.grad[[0, 2]], xr.grad)
+
+
+def test_steady_state_step_does_not_synchronise(tmp_path):
+    """A training step's steady state on CUDA makes no host synchronisation: the fused loss, the
+    fused head, and both over a process group (NCCL at world size 1; the first calls agree on
+    the headers and cache the device constants). The results match the single-device ones."""
+    import torch.distributed as dist
+
+    require_compiled("cuda")
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(64, 1000, device="cuda", generator=g, requires_grad=True)
+        h = torch.randn(64, 32, device="cuda", generator=g, requires_grad=True)
+        W = torch.randn(1000, 32, device="cuda", generator=g, requires_grad=True)
+        t = torch.randint(0, 1000, (64,), device="cuda", generator=g)
+        group = dist.group.WORLD
+
+        def step():
+            losses = [softmax_ce.cross_entropy(x, t, label_smoothing=0.1),
+                      softmax_ce.linear_cross_entropy(h, W, t),
+                      softmax_ce.cross_entropy(x, t, label_smoothing=0.1, process_group=group),
+                      softmax_ce.linear_cross_entropy(h, W, t, process_group=group)]
+            for loss in losses:
+                loss.backward()
+            return torch.stack([loss.detach() for loss in losses])
+
+        first = step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            steady = step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(steady, first)
+        torch.testing.assert_close(steady[2], steady[0])
+        torch.testing.assert_close(steady[3], steady[1])
+    finally:
+        dist.destroy_process_group()

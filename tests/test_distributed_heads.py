@@ -103,6 +103,41 @@ def case_dtensor_weight_2d_mesh(rank, world, group):
     return out
 
 
+def case_dtensor_sequence_sharded_hidden(rank, world, group):
+    """Hidden states (B, S, H) sharded on the sequence (what SequenceParallel returns), S uneven
+    over the ranks: the loss per position comes back in (B, S) order; the hidden states'
+    gradient keeps their placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = []
+    for reduction in ("none", "mean"):
+        B, S, H, C = 3, 2 * world + 1, 4, 2 * world + 1
+        g = torch.Generator().manual_seed(60)
+        h = torch.randn(B, S, H, generator=g, dtype=torch.float64)
+        W = torch.randn(C, H, generator=g, dtype=torch.float64)
+        t = torch.randint(0, C, (B, S), generator=g)
+        t[0, :2] = -100
+        hf, Wf = h.clone().requires_grad_(), W.clone().requires_grad_()
+        want = F.cross_entropy((hf @ Wf.t()).reshape(-1, C), t.reshape(-1), reduction=reduction,
+                               label_smoothing=0.1)
+        if reduction == "none":
+            want = want.reshape(B, S)
+        want.sum().backward()
+        hd = distribute_tensor(h.clone(), mesh, [Shard(1)]).requires_grad_()
+        Wd = distribute_tensor(W.clone(), mesh, [Shard(0)]).requires_grad_()
+        loss = softmax_ce.linear_cross_entropy(hd, Wd, t, reduction=reduction,
+                                               label_smoothing=0.1, chunk_size=4)
+        loss.sum().backward()
+        torch.testing.assert_close(loss.to_local(), want.detach(), **CLOSE)
+        assert hd.grad.placements == (Shard(1),)
+        torch.testing.assert_close(hd.grad.full_tensor(), hf.grad, **CLOSE)
+        torch.testing.assert_close(Wd.grad.full_tensor(), Wf.grad, **CLOSE)
+        out.append(loss.to_local().sum().item())
+    return out
+
+
 def case_sequence_parallel_plain(rank, world, group):
     """``process_group=..., sequence_parallel=True``: this rank's rows of the input (torch.chunk's
     split), every position's target; the input's gradient comes back as this rank's rows."""
@@ -152,8 +187,8 @@ def case_sequence_parallel_collectives(rank, world, group):
     return counts
 
 
-CASES = [case_dtensor_weight, case_dtensor_weight_2d_mesh, case_sequence_parallel_plain,
-         case_sequence_parallel_collectives]
+CASES = [case_dtensor_weight, case_dtensor_weight_2d_mesh, case_dtensor_sequence_sharded_hidden,
+         case_sequence_parallel_plain, case_sequence_parallel_collectives]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -177,6 +177,31 @@ def test_retain_graph_and_create_graph(device):
     torch.testing.assert_close(ggW, ggWr, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_class_weight_create_graph(device, dtype, reduction):
+    """A differentiable backward of a half-precision head with class weights runs the composite
+    with the weight as the caller gave it (it raised a dtype error), and gives the composite's
+    first and second derivatives in that dtype."""
+    x, W, b, t = _problem(device, N=7, H=5, C=11)
+    w = (torch.rand(11, dtype=torch.float64, device=device) + 0.5).to(dtype)
+    xo, Wo = _leaf(x.to(dtype), W.to(dtype))
+    loss = softmax_ce.linear_cross_entropy(xo, Wo, t, weight=w, reduction=reduction)
+    (gx,) = torch.autograd.grad(loss.sum(), xo, create_graph=True)
+    (ggW,) = torch.autograd.grad(gx.float().square().sum(), Wo)
+    xr, Wr = _leaf(x.to(dtype), W.to(dtype))
+    ref = F.cross_entropy(F.linear(xr, Wr), t, weight=w, reduction=reduction)
+    (gxr,) = torch.autograd.grad(ref.sum(), xr, create_graph=True)
+    (ggWr,) = torch.autograd.grad(gxr.float().square().sum(), Wr)
+    xt, Wt = _leaf(x.to(dtype).double(), W.to(dtype).double())  # float64 truth, same values
+    truth = F.cross_entropy(F.linear(xt, Wt), t, weight=w.double(), reduction=reduction)
+    (gxt,) = torch.autograd.grad(truth.sum(), xt, create_graph=True)
+    (ggWt,) = torch.autograd.grad(gxt.square().sum(), Wt)
+    assert gx.dtype == dtype and ggW.dtype == dtype
+    assert_no_worse_than_torch(gx, gxr, gxt, dtype, what="gradient")
+    assert_no_worse_than_torch(ggW, ggWr, ggWt, dtype, what="second derivative")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
 def test_gradcheck_and_gradgradcheck(device, reduction, prob):

@@ -139,3 +139,32 @@ def test_dtensor_arguments_give_torchs_result():
         torch.testing.assert_close(loss.full_tensor(), TORCH_CE(x.detach(), t))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_device_without_compiled_kernels_goes_to_torch_with_one_warning(monkeypatch):
+    """Where the compiled kernels do not serve a device (a GPU without the CUDA kernels built),
+    the pure-PyTorch reference would be slower than torch: patch() sends those calls to torch's
+    function and says so once per device type."""
+    import importlib
+
+    from softmax_ce import ops
+
+    patch_module = importlib.import_module("softmax_ce.patch")  # softmax_ce.patch: the function
+
+    monkeypatch.setattr(patch_module, "_compiled", {})
+    monkeypatch.setattr(ops, "implementation", lambda device, per_op=False: "reference")
+    x, t = _problem()
+    with softmax_ce.patch():
+        with pytest.warns(RuntimeWarning, match="no compiled kernels for cpu"):
+            loss = torch.nn.functional.cross_entropy(x, t)
+        assert not _ours(loss)
+        torch.testing.assert_close(loss, TORCH_CE(x, t), rtol=0, atol=0)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: no second warning
+            assert not _ours(torch.nn.functional.cross_entropy(x, t))
+    monkeypatch.setattr(patch_module, "_compiled", {})
+    monkeypatch.undo()
+    with softmax_ce.patch():  # the kernels there: ours
+        assert _ours(torch.nn.functional.cross_entropy(x, t))

@@ -155,10 +155,20 @@ def test_logits_when_asked():
     # the setting given to apply
     sce_hf.apply(fused, return_logits=False)
     assert fused(input_ids=ids, labels=labels).logits is None
-    # tuples when asked, loss first
-    out = fused(input_ids=ids, labels=labels, return_dict=False)
-    assert isinstance(out, tuple) and torch.equal(out[0], fused(input_ids=ids,
-                                                                 labels=labels).loss)
+    # tuples when asked: loss first, the logits' slot kept (None), every later output at the
+    # index the model's own tuple gives it
+    out = fused(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+    own = plain(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+    assert isinstance(out, tuple) and len(out) == len(own) and out[1] is None
+    assert torch.equal(out[0], fused(input_ids=ids, labels=labels).loss)
+    assert type(out[2]) is type(own[2])  # the cache where the model puts it
+    out = fused(input_ids=ids, labels=labels, return_dict=False, use_cache=True,
+                output_hidden_states=True)
+    own = plain(input_ids=ids, labels=labels, return_dict=False, use_cache=True,
+                output_hidden_states=True)
+    assert len(out) == len(own) and out[1] is None
+    for a, b in zip(out[3], own[3]):  # the hidden states at the same index
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="return_logits"):
         fused(input_ids=ids, labels=labels, return_logits="yes")
 
@@ -237,6 +247,61 @@ def test_apply_remove_and_errors():
 
     with pytest.raises(NotImplementedError, match="not supported"):
         sce_hf.apply(Other())
+
+
+def test_a_head_that_is_not_a_plain_linear_is_refused_not_bypassed():
+    """An adapter on the head (PEFT's LoRA wraps the Linear and keeps .weight as the base
+    weight) would be skipped by a fused loss that reads .weight: refused at apply and at every
+    call (an adapter may come after apply), with a clear error."""
+    plain, fused = pair("llama")
+    ids, labels = batch()
+
+    class Adapter(torch.nn.Module):  # PEFT's shape: the base layer inside, its weight exposed
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+            self.extra = torch.nn.Linear(base.in_features, base.out_features, bias=False,
+                                         dtype=base.weight.dtype)
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+        def forward(self, x):
+            return self.base_layer(x) + self.extra(x)
+
+    class Patched(torch.nn.Linear):  # a subclass whose forward does something else
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    fused.lm_head = Adapter(fused.lm_head)
+    with pytest.raises(TypeError, match="plain torch.nn.Linear"):
+        fused(input_ids=ids, labels=labels)
+    patched = Patched(32, V, bias=False, dtype=torch.float64)
+    fused.lm_head = patched
+    with pytest.raises(TypeError, match="plain torch.nn.Linear"):
+        fused(input_ids=ids, labels=labels)
+    with pytest.raises(TypeError, match="plain torch.nn.Linear"):
+        sce_hf.apply(copy.deepcopy(fused))
+
+
+def test_peft_lora_on_the_head_is_refused():
+    peft = pytest.importorskip("peft", reason="peft is not installed (the set-up installs it)")
+    plain, fused = pair("llama")
+    ids, labels = batch()
+    config = peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"], lora_dropout=0.0)
+    wrapped = peft.get_peft_model(fused, config)
+    with pytest.raises(TypeError, match="plain torch.nn.Linear"):
+        wrapped(input_ids=ids, labels=labels)
+    # with the adapter off the head, the fused loss is PEFT's model's own loss
+    plain_peft = peft.get_peft_model(copy.deepcopy(plain),
+                                     peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                     lora_dropout=0.0, init_lora_weights=False))
+    fused_peft = copy.deepcopy(plain_peft)
+    sce_hf.apply(fused_peft.base_model.model)
+    want = plain_peft(input_ids=ids, labels=labels).loss
+    got = fused_peft(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)
 
 
 def test_trainer_sees_the_models_signature():

@@ -99,7 +99,8 @@ def run(args) -> int:
         N, C = (4096, 32000) if not args.shapes else (
             int(v) for v in args.shapes.split(",")[0].lower().split("x"))
         result = distributed.run(N, C, args.dtype or "float32",
-                                 rounds=args.repeat or (3 if args.quick else 5))
+                                 rounds=args.repeat or (3 if args.quick else 5),
+                                 head=(256, 64, 4096) if args.quick else (1024, 256, 32000))
         print(distributed.report(result))
         if args.json:
             text = json.dumps(result, indent=1)

@@ -18,6 +18,7 @@ sequence-parallel input, the input's all-gather, the payload all-gather (and the
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,7 +35,7 @@ from .group import target_grad
 from .slices import Column, Combined, combine, index_payload, prob_payload, slice_grad, weight_slice
 
 __all__ = ["HeadArgs", "linear_cross_entropy_over_group", "linear_cross_entropy_dtensor",
-           "linear_over_plan"]
+           "linear_over_plan", "chunk_rows"]
 
 
 class _Head(NamedTuple):
@@ -46,9 +47,7 @@ class _Head(NamedTuple):
     prob: bool
     chunk: int
     needs: Needs  # gradients of (input, weight, bias)
-    sequence_parallel: bool
-    local_rows: int  # this rank's rows of input (sequence parallel: before padding)
-    step: int  # sequence parallel: rows per rank after padding (torch.chunk's split of N)
+    rows_per_rank: Optional[tuple]  # sequence parallel: each rank's rows of input (else None)
     exchange: P.Exchange
 
 
@@ -61,13 +60,14 @@ def _bad_targets(t, head: _Head):
 
 def _gather_input(x_local, t, head: _Head):
     """Sequence parallel: every rank's rows in rank order, in the call's first collective (each
-    rank's rows padded to ``local_rows``' agreed maximum); otherwise the input itself."""
-    if not head.sequence_parallel:
+    rank's rows padded to the largest rank's); otherwise the input itself."""
+    if head.rows_per_rank is None:
         return x_local
-    pad = head.step - x_local.shape[0]
+    step = max(head.rows_per_rank)
+    pad = step - x_local.shape[0]
     body = torch.cat([x_local, x_local.new_zeros(pad, x_local.shape[1])]) if pad else x_local
     rows = head.exchange.gather(body, _bad_targets(t, head), t)
-    return rows.reshape(-1, x_local.shape[1])[:t.shape[0]]
+    return torch.cat([rows[r, :n] for r, n in enumerate(head.rows_per_rank)])
 
 
 def _statistics(x, lin_w, lin_b, t, w, head: _Head) -> Combined:
@@ -82,7 +82,7 @@ def _statistics(x, lin_w, lin_b, t, w, head: _Head) -> Combined:
             payload[s:e] = prob_payload(xa, t[s:e].unsqueeze(-1), w_slice, opts, plan)
         else:
             payload[s:e] = index_payload(xa, t[s:e].unsqueeze(-1), w_slice, opts, plan)[0]
-    if head.sequence_parallel:  # the headers went with the input
+    if head.rows_per_rank is not None:  # the headers went with the input
         data = P.all_gather(payload, plan)
     else:
         data = head.exchange.gather(payload, _bad_targets(t, head), t)
@@ -91,16 +91,20 @@ def _statistics(x, lin_w, lin_b, t, w, head: _Head) -> Combined:
 
 def _reduce_input_grad(gx, head: _Head):
     """The input's gradient summed over the group: all of it (replicated input), or this rank's
-    rows (sequence parallel: a reduce-scatter of the padded rows)."""
-    if not head.sequence_parallel:
+    rows (sequence parallel: a reduce-scatter of the rows padded as they were gathered)."""
+    if head.rows_per_rank is None:
         dist.all_reduce(gx, group=head.plan.group)
         return gx
-    step, world = head.step, head.plan.world
-    full = gx.new_zeros((step * world, gx.shape[1]))
-    full[:gx.shape[0]] = gx
+    rows, world = head.rows_per_rank, head.plan.world
+    step = max(rows)
+    full = gx.new_zeros((world, step, gx.shape[1]))
+    start = 0
+    for r, n in enumerate(rows):
+        full[r, :n] = gx[start:start + n]
+        start += n
     mine = gx.new_empty((step, gx.shape[1]))
-    dist.reduce_scatter_tensor(mine, full, group=head.plan.group)
-    return mine[:head.local_rows]
+    dist.reduce_scatter_tensor(mine, full.view(world * step, -1), group=head.plan.group)
+    return mine[:rows[head.plan.rank]]
 
 
 def _grads(x, lin_w, lin_b, t, w, comb, g, head: _Head, want_target: bool):
@@ -186,15 +190,22 @@ class HeadArgs(NamedTuple):
     grad_weight_acc_dtype: Optional[torch.dtype] = None
 
 
+def chunk_rows(positions: int, world: int) -> tuple:
+    """torch.chunk's split of ``positions`` rows over ``world`` ranks: each rank's count."""
+    step = -(-positions // world) if world else 0
+    return tuple(max(0, min(step, positions - r * step)) for r in range(world))
+
+
 def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan,
-                     sequence_parallel, fn):
+                     rows_per_rank, fn):
     """The fused head over ``plan``'s vocabulary slices, on local tensors: ``x_local`` ``[N, H]``
-    (replicated) or ``[N_local, H]`` (sequence parallel: rank r's rows of the batch, in rank
-    order, split as torch.chunk splits N), ``lin_w`` / ``lin_b`` this rank's slice, ``target``
-    all N positions (the same on every rank; probabilities sliced like the local logits). Every
-    check runs inside the fail-together guard. Returns the loss in the input's dtype (``none``:
-    all N positions)."""
+    (replicated: ``rows_per_rank`` None) or ``[rows_per_rank[rank], H]`` (sequence parallel: this
+    rank's rows of the batch; the N rows are every rank's in rank order), ``lin_w`` / ``lin_b``
+    this rank's slice, ``target`` all N positions in that order (the same on every rank;
+    probabilities sliced like the local logits). Every check runs inside the fail-together guard.
+    Returns the loss in the accumulation dtype (``none``: all N positions)."""
     ex = P.Exchange(plan, fn, x_local.device)
+    sequence_parallel = rows_per_rank is not None
     try:
         P.unsupported_transforms(fn)
         reduction = A.reduction_of(None, None, args.reduction)
@@ -211,20 +222,18 @@ def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan
         opts = A.ce_options(-100 if args.ignore_index is None else args.ignore_index,
                             args.label_smoothing, args.z_loss, args.softcap, fn)
         chunk = chunk_option(None, args.chunk_size, fn)
-        if sequence_parallel and x_local.dim() != 2:
-            raise RuntimeError(f"{fn}: a sequence-parallel input must be 2-D (this rank's rows, "
-                               f"in_features), got shape {tuple(x_local.shape)}")
         rows = x_local.shape[0] if x_local.dim() == 2 else 1
-        N = target.shape[0] if sequence_parallel and target.dim() > 0 else rows
-        step = rows
-        if sequence_parallel:  # rank r holds rows [r * step, (r + 1) * step) of the N
-            step = -(-N // plan.world)
-            expected = max(0, min(step, N - plan.rank * step))
-            if rows != expected:
+        N = rows
+        if sequence_parallel:
+            if x_local.dim() != 2:
+                raise RuntimeError(f"{fn}: a sequence-parallel input must be 2-D (this rank's "
+                                   f"rows, in_features), got shape {tuple(x_local.shape)}")
+            N = target.shape[0] if target.dim() > 0 else 0
+            if sum(rows_per_rank) != N or rows != rows_per_rank[plan.rank]:
                 raise RuntimeError(
-                    f"{fn}: with a sequence-parallel input, rank {plan.rank} must hold {expected} "
-                    f"of the target's {N} positions (torch.chunk's split over {plan.world} "
-                    f"ranks), got {rows} rows of 'input'")
+                    f"{fn}: with a sequence-parallel input, rank {plan.rank} must hold "
+                    f"{rows_per_rank[plan.rank]} of the target's {N} positions (torch.chunk's "
+                    f"split over {plan.world} ranks), got {rows} rows of 'input'")
         batched = x_local.dim() == 2
         logical = (N, x_local.shape[-1]) if batched else (x_local.shape[-1],)
         meta = torch.empty((*logical[:-1], plan.classes), dtype=x_local.dtype, device="meta")
@@ -238,6 +247,7 @@ def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan
                       grads and lin_b is not None and lin_b.requires_grad)
         flags = (P.FLAG_INPUT_GRAD if needs.input else 0) | \
             (P.FLAG_SEQUENCE_PARALLEL if sequence_parallel else 0)
+        step = max(rows_per_rank) if sequence_parallel else rows
         header = P.make_header(plan, positions=N,
                                kind=P.TargetKind.PROB if prob else P.TargetKind.INDEX,
                                reduction=reduction, dtype=x_local.dtype, opts=opts,
@@ -259,7 +269,7 @@ def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan
     w = weight.to(acc_dtype(x_local.dtype)) if weight is not None else None
     if chunk is None:
         chunk = default_chunk_size(N, plan.size, x.shape[1], x.dtype, acc_dtype(x.dtype))
-    head = _Head(reduction, opts, plan, prob, chunk, needs, sequence_parallel, rows, step, ex)
+    head = _Head(reduction, opts, plan, prob, chunk, needs, rows_per_rank, ex)
     if reduction == "mean":
         denom = (torch.full((), float(N), dtype=torch.float64, device=x.device) if prob
                  else A.mean_denominator(t.view(N, 1), w, opts.ignore_index, plan.classes))
@@ -276,31 +286,46 @@ def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan
             loss = total / denom if reduction == "mean" else total
     if reduction == "none" and not batched:
         loss = loss.reshape(())
-    return loss.to(x_local.dtype)
+    return loss
 
 
 def linear_cross_entropy_over_group(input, linear_weight, target, linear_bias, weight,
                                     args: HeadArgs, process_group, sequence_parallel, fn):
     """``linear_cross_entropy(..., process_group=group)``: ``linear_weight`` / ``linear_bias`` are
     this rank's slice of the vocabulary rows (slices of one size, in rank order); ``input`` is the
-    same on every rank, or with ``sequence_parallel=True`` this rank's rows (the same number on
-    every rank); ``target`` holds every position, the same on every rank."""
+    same on every rank, or with ``sequence_parallel=True`` this rank's rows (rank r the r-th of
+    torch.chunk's split of the N positions); ``target`` holds every position, the same on every
+    rank."""
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"{fn}: process_group must be a torch.distributed.ProcessGroup, got "
                         f"{type(process_group).__name__}")
     plan = P.equal_plan(process_group, linear_weight.shape[0] if linear_weight.dim() else 0)
-    return linear_over_plan(input, linear_weight, linear_bias, target, weight, args, plan,
-                            bool(sequence_parallel), fn)
+    rows = None
+    if sequence_parallel:
+        rows = chunk_rows(target.shape[0] if target.dim() > 0 else 0, plan.world)
+    loss = linear_over_plan(input, linear_weight, linear_bias, target, weight, args, plan, rows,
+                            fn)
+    return loss.to(input.dtype)
+
+
+def _positions_in_rank_order(shape, dim: int, world: int) -> torch.Tensor:
+    """The logical index of each position of an input ``shape[:-1]`` sharded on ``dim`` (torch.chunk
+    split over ``world`` ranks), in the order the ranks' rows are gathered (rank-major, then each
+    rank's local order)."""
+    index = torch.arange(math.prod(shape[:-1])).view(*shape[:-1])
+    return torch.cat([part.reshape(-1) for part in index.chunk(world, dim)])
 
 
 def linear_cross_entropy_dtensor(input, linear_weight, target, linear_bias, weight,
-                                 args: HeadArgs, fn):
+                                 args: HeadArgs, fn, keep_acc: bool = False):
     """``linear_cross_entropy`` with ``linear_weight`` a DTensor sharded on the vocabulary
     (dimension 0) along one mesh dimension and replicated along the others, ``linear_bias`` None
-    or sharded alike, ``input`` a plain tensor (the same on every rank), a replicated DTensor, or
-    a DTensor sharded on positions (dimension 0) along the weight's mesh dimension (sequence
-    parallel). Returns the loss as a replicated DTensor; the gradients come back with each
-    input's placements."""
+    or sharded alike, ``input`` ``(..., H)`` a plain tensor (the same on every rank), a replicated
+    DTensor, or a DTensor sharded on a positions dimension along the weight's mesh dimension
+    (sequence parallel: ``(B, S, H)`` sharded on S too; the targets are permuted to the order the
+    rows are gathered in and the per-position losses back). ``target``: every position, shaped
+    like ``input.shape[:-1]``. Returns the loss as a replicated DTensor (``keep_acc``: in the
+    accumulation dtype); the gradients come back with each input's placements."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh_dim, plan = class_shard(linear_weight, 0, fn, "linear_weight")
@@ -310,27 +335,47 @@ def linear_cross_entropy_dtensor(input, linear_weight, target, linear_bias, weig
                                     != tuple(linear_weight.placements)):
         raise NotImplementedError(f"{fn}: with a DTensor linear_weight, linear_bias must be a "
                                   "DTensor sharded like it")
-    sequence_parallel = False
+    H = input.shape[-1]
+    order = None
     if isinstance(input, DTensor):
         if input.device_mesh != mesh:
             raise NotImplementedError(f"{fn}: 'input' and 'linear_weight' must be DTensors on "
                                       "the same device mesh")
         others = [p for i, p in enumerate(input.placements) if i != mesh_dim]
         mine = input.placements[mesh_dim]
+        positions = isinstance(mine, Shard) and mine.dim % input.dim() < input.dim() - 1
         if any(not isinstance(p, Replicate) for p in others) or not (
-                isinstance(mine, Replicate) or (isinstance(mine, Shard) and mine.dim == 0)):
+                isinstance(mine, Replicate) or positions):
             raise NotImplementedError(
-                f"{fn}: a DTensor 'input' must be replicated, or sharded on positions "
-                f"(dimension 0) along the weight's mesh dimension; got {input.placements}")
-        sequence_parallel = isinstance(mine, Shard)
-        x_local = input.to_local(grad_placements=input.placements)
+                f"{fn}: a DTensor 'input' must be replicated, or sharded on a positions "
+                f"dimension along the weight's mesh dimension; got {input.placements}")
+        local = input.to_local(grad_placements=input.placements)
+        if positions:  # each rank's rows as DTensor splits them (torch.chunk along the dim)
+            dim = mine.dim % input.dim()
+            order = _positions_in_rank_order(tuple(input.shape), dim, plan.world)
+            parts = torch.empty(tuple(input.shape[:-1]), device="meta").chunk(plan.world, dim)
+            rows = tuple(p.numel() for p in parts) + (0,) * (plan.world - len(parts))
+        x_local = local.reshape(-1, H) if local.dim() > 1 else local
     else:
-        x_local = input
+        x_local = input.reshape(-1, H) if input.dim() > 2 else input
     w_local = linear_weight.to_local(grad_placements=linear_weight.placements)
     b_local = (linear_bias.to_local(grad_placements=linear_bias.placements)
                if linear_bias is not None else None)
     target = replicated_local(target, "target", fn)
     weight = replicated_local(weight, "weight", fn)
-    loss = linear_over_plan(x_local, w_local, b_local, target, weight, args, plan,
-                            sequence_parallel, fn)
+    t = target
+    if input.dim() > 2:  # every position flattened (probabilities keep their last dimension)
+        t = target.reshape(-1, *target.shape[input.dim() - 1:])
+    if order is not None:
+        t = t[order.to(t.device)]
+    loss = linear_over_plan(x_local, w_local, b_local, t, weight, args, plan,
+                            rows if order is not None else None, fn)
+    if loss.dim() > 0 and order is not None:  # 'none': back to the logical order
+        unpermuted = torch.empty_like(loss)
+        unpermuted[order.to(loss.device)] = loss
+        loss = unpermuted
+    if loss.dim() > 0 and input.dim() > 2:
+        loss = loss.reshape(input.shape[:-1])
+    if not keep_acc:
+        loss = loss.to(input.dtype)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)

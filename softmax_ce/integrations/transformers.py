@@ -37,15 +37,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
+import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._args import is_dtensor
 from .._linear_core import linear_cross_entropy_acc
 
-__all__ = ["apply", "remove", "is_applied", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["apply", "remove", "is_applied", "check_head", "SUPPORTED_MODEL_TYPES"]
 
 # config.model_type -> how its head turns hidden states into logits beyond lm_head: the name of
 # the config field holding a final tanh soft-cap, or None
@@ -83,10 +86,7 @@ def apply(model: nn.Module, *, return_logits: Optional[bool] = None,
         raise NotImplementedError(
             f"softmax_ce.integrations.transformers.apply: model type {model_type!r} is not "
             f"supported (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise TypeError("softmax_ce.integrations.transformers.apply: the model's output "
-                        f"embeddings must be an nn.Linear, got {type(head).__name__}")
+    check_head(model.get_output_embeddings())  # and again at every call (an adapter added later)
     if return_logits is not None and not isinstance(return_logits, bool):
         raise TypeError("apply(): return_logits must be None or a bool, got "
                         f"{type(return_logits).__name__}")
@@ -117,6 +117,10 @@ def remove(model: nn.Module) -> nn.Module:
     if settings is not None:
         del model.forward  # the instance attribute; the class's forward shows through
         delattr(model, _ATTR)
+        head = model.get_output_embeddings()
+        if head is not None and _METHOD in head.__dict__ \
+                and not head.__dict__.get(_FSDP_REGISTERED, False):
+            del head.__dict__[_METHOD]
     return model
 
 
@@ -167,24 +171,11 @@ def _arguments(signature, args, kwargs) -> dict:
 
 def _fused_loss(model, hidden, shift_labels, num_items, ignore_index, chunk_size):
     head = model.get_output_embeddings()
-    lin_w, lin_b = head.weight, head.bias
-    h = hidden.reshape(-1, hidden.shape[-1])
-    target = shift_labels.reshape(-1).to(h.device)
-    if target.numel() != h.shape[0]:
-        raise ValueError(f"labels: expected {h.shape[0]} positions (the hidden states' batch x "
-                         f"sequence), got {target.numel()}")
+    check_head(head)
     cap_field = SUPPORTED_MODEL_TYPES[model.config.model_type]
     softcap = getattr(model.config, cap_field, None) if cap_field else None
     reduction = "mean" if num_items is None else "sum"
-    device = h.device.type
-    if torch.is_autocast_enabled(device):  # what autocast's F.linear would compute in
-        dtype = torch.get_autocast_dtype(device)
-        h, lin_w = h.to(dtype), lin_w.to(dtype)
-        lin_b = lin_b.to(dtype) if lin_b is not None else None
-    with torch.autocast(device, enabled=False):  # the chunked path, in those dtypes
-        loss = linear_cross_entropy_acc(h, lin_w, target, lin_b, reduction=reduction,
-                                        ignore_index=ignore_index, softcap=softcap,
-                                        chunk_size=chunk_size)
+    loss = _head_method(head)(hidden, shift_labels, reduction, ignore_index, softcap, chunk_size)
     # transformers computes the loss on float32 logits; float64 models keep their precision
     loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
     if num_items is not None:
@@ -194,18 +185,84 @@ def _fused_loss(model, hidden, shift_labels, num_items, ignore_index, chunk_size
     return loss
 
 
+def check_head(head) -> None:
+    """The fused loss computes ``hidden @ head.weight.T (+ head.bias)``: that is the head's
+    output only for an ``nn.Linear`` whose forward is nn.Linear's (FSDP's subclass of it keeps
+    it). A head that does more (a LoRA adapter, a quantised or patched linear) would be bypassed
+    by it: refused, never silently wrong."""
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise TypeError(
+            "softmax_ce.integrations.transformers: the model's output embeddings must be a plain "
+            f"torch.nn.Linear for the fused loss, got {type(head).__module__}."
+            f"{type(head).__qualname__} (an adapter such as PEFT's LoRA, or a quantised linear, "
+            "computes more than hidden @ weight.T); merge the adapter into the head's weight, "
+            "leave the head out of the adapter's target modules, or call "
+            "softmax_ce.integrations.transformers.remove(model)")
+
+
+_METHOD = "_softmax_ce_loss"  # the head's method that computes the fused loss
+_FSDP_REGISTERED = "_softmax_ce_fsdp_registered"
+
+
+def _head_method(head):
+    """The fused loss as a method of the head, registered with FSDP when the head is an FSDP
+    module (fully_shard on the head): FSDP then gathers the head's parameters before it, frees
+    them after and reduces their gradients, as for a call of the head. The head's other forward
+    hooks (tensor parallel's) do not run: the method takes the DTensors as they are."""
+    if _METHOD not in head.__dict__:
+        object.__setattr__(head, _METHOD, types.MethodType(_head_loss, head))
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_cls = getattr(fsdp, "FSDPModule", None)
+    if module_cls is not None and isinstance(head, module_cls) \
+            and not head.__dict__.get(_FSDP_REGISTERED, False):
+        fsdp.register_fsdp_forward_method(head, _METHOD)
+        object.__setattr__(head, _FSDP_REGISTERED, True)
+    return getattr(head, _METHOD)
+
+
+def _head_loss(head, hidden, labels, reduction, ignore_index, softcap, chunk_size):
+    """The loss of ``head(hidden)`` against ``labels`` (every position), the logits never whole;
+    in the accumulation dtype. Reads the head's parameters, so it runs as the head's call."""
+    lin_w, lin_b = head.weight, head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # what autocast's F.linear would compute in
+        dtype = torch.get_autocast_dtype(device)
+        hidden, lin_w = hidden.to(dtype), lin_w.to(dtype)
+        lin_b = lin_b.to(dtype) if lin_b is not None else None
+    target = labels.to(hidden.device)
+    if target.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"labels: expected {hidden.numel() // hidden.shape[-1]} positions (the "
+                         f"hidden states' batch x sequence), got {target.numel()}")
+    with torch.autocast(device, enabled=False):  # the chunked path, in those dtypes
+        if is_dtensor(lin_w):  # a tensor-parallel head: sharded on the vocabulary
+            from .. import distributed
+
+            args = distributed.HeadArgs(reduction, ignore_index, softcap=softcap,
+                                        chunk_size=chunk_size)
+            return distributed.linear_cross_entropy_dtensor(
+                hidden, lin_w, target.reshape(hidden.shape[:-1]), lin_b, None, args,
+                "linear_cross_entropy", keep_acc=True).to_local()
+        if is_dtensor(hidden):  # sharded hidden states before a head that is not
+            hidden = hidden.full_tensor()
+        h = hidden.reshape(-1, hidden.shape[-1])
+        return linear_cross_entropy_acc(h, lin_w, target.reshape(-1), lin_b,
+                                        reduction=reduction, ignore_index=ignore_index,
+                                        softcap=softcap, chunk_size=chunk_size)
+
+
 def _output(model, base_out, loss, return_dict):
     """The model's output type (a ``CausalLMOutput...``) with the loss, no logits, and the
-    decoder's other outputs (cache, hidden states, attentions)."""
+    decoder's other outputs (cache, hidden states, attentions); as a tuple, the logits' slot is
+    kept (None), so every later output sits at the index the model's own tuple gives it."""
     from transformers import modeling_outputs as mo
 
     if isinstance(base_out, tuple):  # a model configured to return tuples
-        return (loss,) + tuple(base_out[1:])
+        return (loss, None) + tuple(base_out[1:])
     fields = {k: v for k, v in base_out.items() if k != "last_hidden_state"}
     cls = mo.CausalLMOutputWithCrossAttentions if "CrossAttentions" in type(base_out).__name__ \
         else mo.CausalLMOutputWithPast
     names = {f.name for f in dataclasses.fields(cls)}
     out = cls(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in names})
     if return_dict is False:
-        return out.to_tuple()
+        return (loss, None) + out.to_tuple()[1:]
     return out
