@@ -166,6 +166,38 @@ def case_sequence_parallel_plain(rank, world, group):
     return out
 
 
+def case_loss_module_sharded(rank, world, group):
+    """nn.LinearCrossEntropyLoss, the head and its loss in one module: its weight a DTensor
+    sharded on the vocabulary, or the module under fully_shard (FSDP2 hooks its call)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    h, W, _, t, _ = _problem(70, 6, 8, 5 * world)
+    loss_t, gh, gW, _ = _truth(h, W, torch.zeros(5 * world, dtype=torch.float64), t, None,
+                               "mean")
+    out = []
+    for layout in ("tensor parallel", "fully_shard"):
+        module = softmax_ce.nn.LinearCrossEntropyLoss(8, 5 * world, dtype=torch.float64)
+        with torch.no_grad():
+            module.linear.weight.copy_(W)
+        if layout == "tensor parallel":
+            module.linear.weight = torch.nn.Parameter(distribute_tensor(W.clone(), mesh,
+                                                                        [Shard(0)]))
+        else:
+            fully_shard(module)
+        hd = h.clone().requires_grad_()
+        loss = module(hd, t)
+        loss.backward()
+        local = loss.to_local() if hasattr(loss, "to_local") else loss
+        torch.testing.assert_close(local, loss_t, **CLOSE)
+        torch.testing.assert_close(module.linear.weight.grad.full_tensor(), gW, **CLOSE)
+        torch.testing.assert_close(hd.grad, gh, **CLOSE)
+        out.append(f"{layout}: {local.item():.12f}")
+    return out
+
+
 def case_sequence_parallel_collectives(rank, world, group):
     counts = {}
     with count_collectives() as calls:
@@ -188,7 +220,8 @@ def case_sequence_parallel_collectives(rank, world, group):
 
 
 CASES = [case_dtensor_weight, case_dtensor_weight_2d_mesh, case_dtensor_sequence_sharded_hidden,
-         case_sequence_parallel_plain, case_sequence_parallel_collectives]
+         case_sequence_parallel_plain, case_loss_module_sharded,
+         case_sequence_parallel_collectives]
 
 
 @pytest.mark.parametrize("world", [2, 4])
