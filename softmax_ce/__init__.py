@@ -44,7 +44,9 @@ from .functional import (  # noqa: E402
     log_softmax,
     softmax,
 )
+from .switches import chunk_memory  # noqa: E402
 from .linear import linear_cross_entropy  # noqa: E402
+from .tokens import TokenLogProbs, linear_log_probs, log_probs  # noqa: E402
 from .patch import is_patched, patch, unpatch  # noqa: E402
 from .ops import force_reference, implementation  # noqa: E402
 
@@ -92,6 +94,9 @@ def build_info() -> dict:
 __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
+    "log_probs",
+    "linear_log_probs",
+    "TokenLogProbs",
     "patch",
     "unpatch",
     "is_patched",
@@ -103,6 +108,7 @@ __all__ = [
     "implementation",
     "force_reference",
     "gradient_in_forward",
+    "chunk_memory",
     "build_info",
     "cuda_take_target_error",
     "empty_cache",

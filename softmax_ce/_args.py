@@ -153,17 +153,43 @@ def kernel_layout(input: Tensor):
     return outer, classes(input), numel(spatial), spatial
 
 
-def mean_denominator(t2: Tensor, w: Optional[Tensor], ignore_index: int, C: int) -> Tensor:
+def mean_denominator(t2: Tensor, w: Optional[Tensor], ignore_index: int, C: int,
+                     token_weight: Optional[Tensor] = None) -> Tensor:
     """torch's mean over class indices divides by the sum of w[y] over the kept positions (their
-    number without weights); a 0-dim tensor, no host synchronisation."""
+    number without weights); with token weights, of token_weight * w[y]. A 0-dim tensor, no
+    host synchronisation."""
     valid = t2 != ignore_index
-    if w is None or C == 0:
+    if token_weight is None and (w is None or C == 0):
         return valid.sum()
-    # Clamped: an out-of-range class (an IndexError from the CPU kernel, NaN and a recorded value
-    # on CUDA) must not index `weight` here (a device-side assert on CUDA).
-    safe = torch.where(valid, t2, torch.zeros_like(t2)).long().clamp(0, C - 1)
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    return fixed_order_sum(torch.where(valid, w[safe], zero))
+    tw = token_weight.reshape(t2.shape) if token_weight is not None else None
+    if w is None or C == 0:
+        picked = tw
+    else:
+        # Clamped: an out-of-range class (an IndexError from the CPU kernel, NaN and a recorded
+        # value on CUDA) must not index `weight` here (a device-side assert on CUDA).
+        safe = torch.where(valid, t2, torch.zeros_like(t2)).long().clamp(0, C - 1)
+        picked = w[safe] if tw is None else w[safe] * tw
+    zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
+    return fixed_order_sum(torch.where(valid, picked, zero))
+
+
+def check_token_weight(token_weight: Optional[Tensor], positions, input: Tensor,
+                       fn: str) -> Optional[Tensor]:
+    """A float tensor with one factor per position (``positions``: their shape), on the input's
+    device, that does not require grad (like torch's class weight); returned in the input's
+    accumulation dtype."""
+    if token_weight is None:
+        return None
+    if not isinstance(token_weight, Tensor) or not token_weight.is_floating_point():
+        raise TypeError(f"{fn}: argument 'token_weight' must be a floating point tensor, got "
+                        f"{getattr(token_weight, 'dtype', type(token_weight).__name__)}")
+    if tuple(token_weight.shape) != tuple(positions):
+        raise RuntimeError(f"{fn}: argument 'token_weight' must have one value per position, "
+                           f"shape {list(positions)}, got {list(token_weight.shape)}")
+    check_device(token_weight, "token_weight", input, fn)
+    check_no_grad(token_weight, "token_weight", fn)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return token_weight.to(acc)
 
 
 _DTYPE_NAMES = {

@@ -54,13 +54,13 @@ def _per_position(x3, t, w, opts: A.CeOptions, inplace: bool):
     return ops.ce_fwd(x3, t, w, *opts)[0]
 
 
-def _reduced(x3, t, w, denom, reduction: str, opts: A.CeOptions, inplace: bool):
+def _reduced(x3, t, w, denom, reduction: str, opts: A.CeOptions, inplace: bool, tw=None):
     """The mean / sum loss: through ReducedCrossEntropyFunction (gradient formed in the forward)
     where it applies, else the per-position Function and a reduction. ``denom``: the mean's
-    denominator (tensor or number)."""
+    denominator (tensor or number); ``tw``: token weights ``[outer, inner]`` or None."""
 
     def reduce(loss):
-        total = fixed_order_sum(loss)
+        total = fixed_order_sum(loss if tw is None else loss * tw)
         return total / denom if reduction == "mean" else total
 
     if _fuse_gradient(x3, reduction, inplace):
@@ -71,15 +71,18 @@ def _reduced(x3, t, w, denom, reduction: str, opts: A.CeOptions, inplace: bool):
             scale = torch.full((), 1.0 / denom, dtype=acc, device=x3.device)
         else:
             scale = torch.ones((), dtype=acc, device=x3.device)
-        scale = scale.expand(x3.shape[0], x3.shape[2])
+        # d(reduced loss)/d(per-position loss): the token weight folded in (one pass still)
+        scale = scale.expand(x3.shape[0], x3.shape[2]) if tw is None else scale * tw
         return ReducedCrossEntropyFunction.apply(x3, t, w, scale, reduce, *opts)
     return reduce(_per_position(x3, t, w, opts, inplace))
 
 
 def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                  softcap, inplace_backward, fn):
+                  softcap, inplace_backward, fn, token_weight=None):
     """``cross_entropy`` after its legacy arguments (``reduction`` already checked), errors
-    naming ``fn``."""
+    naming ``fn``. ``token_weight``: a factor per position (``none``: each loss times it;
+    ``sum``: their sum; ``mean``: divided by the kept positions' token weight times class
+    weight)."""
     A.check_floating(input, "input", fn)
     if input.dim() == 0:
         raise RuntimeError(
@@ -98,11 +101,12 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
             )
     A.check_device(target, "target", input, fn)
     if tuple(input.shape) == tuple(target.shape):
-        return _probability_targets(input, target, weight, reduction, opts, inplace, fn)
-    return _class_indices(input, target, weight, reduction, opts, inplace, fn)
+        return _probability_targets(input, target, weight, reduction, opts, inplace, fn,
+                                    token_weight)
+    return _class_indices(input, target, weight, reduction, opts, inplace, fn, token_weight)
 
 
-def _probability_targets(input, target, weight, reduction, opts, inplace, fn):
+def _probability_targets(input, target, weight, reduction, opts, inplace, fn, token_weight):
     if not target.is_floating_point():
         raise RuntimeError(
             f"{fn}: Expected floating point type for target with class probabilities, "
@@ -129,18 +133,23 @@ def _probability_targets(input, target, weight, reduction, opts, inplace, fn):
     t = target if target.dtype == out_dtype else target.to(out_dtype)
     w = weight.to(acc_dtype(x.dtype)) if weight is not None else None
     outer, C, inner, spatial = A.kernel_layout(input)
+    positions = (outer,) + spatial if input.dim() >= 2 else ()
+    tw = A.check_token_weight(token_weight, positions, input, fn)
     x3 = x.reshape(outer, C, inner)
     t3 = t.reshape(outer, C, inner)
+    tw = tw.reshape(outer, inner) if tw is not None else None
     opts = opts._replace(ignore_index=-100)
     if reduction == "none":
         loss = _per_position(x3, t3, w, opts, inplace)
-        shape = (outer,) + spatial if input.dim() >= 2 else ()
-        return loss.reshape(shape).to(out_dtype)
-    # torch's mean over probability targets divides by the number of positions
-    return _reduced(x3, t3, w, outer * inner, reduction, opts, inplace).to(out_dtype)
+        loss = loss if tw is None else loss * tw
+        return loss.reshape(positions).to(out_dtype)
+    # torch's mean over probability targets divides by the number of positions (their token
+    # weights' sum with token weights)
+    denom = outer * inner if tw is None else fixed_order_sum(tw)
+    return _reduced(x3, t3, w, denom, reduction, opts, inplace, tw).to(out_dtype)
 
 
-def _class_indices(input, target, weight, reduction, opts, inplace, fn):
+def _class_indices(input, target, weight, reduction, opts, inplace, fn, token_weight):
     if target.dtype not in A.INDEX_DTYPES:
         raise RuntimeError(
             f"{fn}: expected argument 'target' to hold class indices (int64, int32 or uint8) "
@@ -162,13 +171,18 @@ def _class_indices(input, target, weight, reduction, opts, inplace, fn):
     w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
     t = target.to(torch.int32) if target.dtype == torch.uint8 else target
     outer, C, inner, _ = A.kernel_layout(input)
+    positions = tuple(target.shape) if input.dim() >= 2 else ()
+    tw = A.check_token_weight(token_weight, positions, input, fn)
     x3 = input.reshape(outer, C, inner)
     t2 = t.reshape(outer, inner)
+    tw = tw.reshape(outer, inner) if tw is not None else None
     if reduction == "none":
         loss = _per_position(x3, t2, w, opts, inplace)
-        return loss.reshape(target.shape if input.dim() >= 2 else ()).to(out_dtype)
-    denom = A.mean_denominator(t2, w, opts.ignore_index, C) if reduction == "mean" else None
-    return _reduced(x3, t2, w, denom, reduction, opts, inplace).to(out_dtype)
+        loss = loss if tw is None else loss * tw
+        return loss.reshape(positions).to(out_dtype)
+    denom = (A.mean_denominator(t2, w, opts.ignore_index, C, tw) if reduction == "mean"
+             else None)
+    return _reduced(x3, t2, w, denom, reduction, opts, inplace, tw).to(out_dtype)
 
 
 _HOST_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

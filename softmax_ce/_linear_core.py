@@ -6,7 +6,7 @@ The rows go a chunk at a time (``chunk_logits``): one GEMM writes the chunk's lo
 buffer; the cross-entropy kernels form the rows' losses and lse and, where gradients are wanted
 for a ``mean`` or ``sum`` loss, overwrite the buffer with the logits' gradient G for a unit
 upstream gradient; then ``grad_input[chunk] = G @ W``, ``grad_weight += Gᵀ @ input[chunk]``,
-``grad_bias += Σ G`` (``_GradSums``). Three GEMMs in all, no recomputation; backward hands the
+``grad_bias += Σ G`` (``GradSums``). Three GEMMs in all, no recomputation; backward hands the
 gradients over, scaled in place by the upstream gradient (a device multiply, no host
 synchronisation). ``reduction='none'`` saves the rows' lse and runs ``backward_chunks`` in
 backward with the per-position upstream gradient folded in; a second backward
@@ -34,108 +34,16 @@ from torch import Tensor
 from . import _args as A
 from . import _core, ops
 from .autograd import input_grads
+from ._chunks import ChunkSpec, GradSums, Needs, chunk_logits, default_chunk_size
+from ._vocab_chunks import check_vocab_chunk, vocab_chunked
 from .fixed_sum import fixed_order_sum
 from .reference import acc_dtype
 
-__all__ = ["default_chunk_size", "chunk_logits", "linear_cross_entropy_acc", "check_shapes"]
-
-_WORK_FRACTION = 11  # the default chunk's working memory: at most 1/11 of the whole logits
-_MIN_CHUNK = 32
-_MIN_BUDGET = 16 << 20  # small problems: one chunk of up to 16 MiB (tiny GEMMs are slow)
-
-
-def default_chunk_size(rows: int, classes: int, in_features: int, dtype: torch.dtype,
-                       acc: torch.dtype) -> int:
-    """Rows per chunk: the largest number whose working memory (the chunk's logits, plus the
-    float32 copies of logits and inputs when ``grad_weight`` accumulates in a wider dtype) stays
-    under 1/11 of what the whole logits would take (GEMMs of fewer rows run slower: 256 rows
-    instead of 372 cost ~8% at (4096, 1024, 32000) float32 on 2 cores), or under 16 MiB for
-    small problems; at least 32 rows (or all of them)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    per_row = classes * size
-    if acc != dtype:
-        per_row += (classes + in_features) * torch.empty((), dtype=acc).element_size()
-    budget = max(rows * classes * size // _WORK_FRACTION, _MIN_BUDGET)
-    chunk = budget // max(per_row, 1)
-    return int(max(1, min(rows, max(chunk, _MIN_CHUNK))))
-
-
-class Needs(NamedTuple):
-    """Which gradients a pass forms."""
-
-    input: bool = False
-    weight: bool = False
-    bias: bool = False
-
-    def any(self) -> bool:
-        return self.input or self.weight or self.bias
-
-
-class ChunkSpec(NamedTuple):
-    """How the rows are chunked and ``grad_weight`` accumulated."""
-
-    rows: int  # rows per chunk
-    acc_fp32: bool  # grad_weight accumulates in float32 for bfloat16 / float16 inputs
-
-    def acc(self, dtype: torch.dtype) -> torch.dtype:
-        half = dtype in (torch.bfloat16, torch.float16)
-        return torch.float32 if self.acc_fp32 and half else dtype
-
+__all__ = ["default_chunk_size", "linear_cross_entropy_acc", "check_shapes", "chunk_option"]
 
 # ---------------------------------------------------------------------------------------------
-# the chunk iterator and the two passes over it
+# the two passes over the chunks (_chunks.chunk_logits)
 # ---------------------------------------------------------------------------------------------
-
-
-def chunk_logits(x: Tensor, lin_w: Tensor, lin_b: Optional[Tensor], rows: int):
-    """Yields ``(start, end, logits)`` per chunk of ``rows`` rows of ``x`` ``[N, H]``: the chunk's
-    ``x @ lin_wᵀ (+ lin_b)`` ``[end - start, C]`` in one buffer reused by every chunk (valid until
-    the next step of the iteration)."""
-    N = x.shape[0]
-    buf = x.new_empty((min(rows, N), lin_w.shape[0]))
-    wt = lin_w.t()
-    for i in range(0, N, rows):
-        j = min(N, i + rows)
-        logits = buf[:j - i]
-        if lin_b is not None:
-            torch.addmm(lin_b, x[i:j], wt, out=logits)
-        else:
-            torch.mm(x[i:j], wt, out=logits)
-        yield i, j, logits
-
-
-class _GradSums:
-    """The gradients of the input, weight and bias, accumulated chunk by chunk from the logits'
-    gradient G: ``grad_input[chunk] = G @ W``, ``grad_weight += Gᵀ @ x[chunk]`` (in ``acc``),
-    ``grad_bias += Σ G``."""
-
-    def __init__(self, x, lin_w, lin_b, needs: Needs, acc: torch.dtype):
-        self.x, self.lin_w, self.lin_b, self.needs, self.acc = x, lin_w, lin_b, needs, acc
-        C, H = lin_w.shape
-        self.gi = x.new_empty(x.shape) if needs.input else None
-        self.gw = torch.zeros((C, H), dtype=acc, device=x.device) if needs.weight else None
-        self.gb = (torch.zeros((C,), dtype=acc_dtype(x.dtype), device=x.device)
-                   if needs.bias else None)
-
-    def add(self, i: int, j: int, G: Tensor) -> None:
-        if self.gi is not None:
-            torch.mm(G, self.lin_w, out=self.gi[i:j])
-        if self.gw is not None:
-            if self.acc == G.dtype:
-                self.gw.addmm_(G.t(), self.x[i:j])
-            else:
-                self.gw.addmm_(G.t().to(self.acc), self.x[i:j].to(self.acc))
-        if self.gb is not None:
-            self.gb.add_(G.sum(0, dtype=self.gb.dtype))
-
-    def result(self):
-        """(grad_input, grad_weight, grad_bias) in the inputs' dtypes, empty where not asked."""
-        def empty():  # one per output: a custom op's outputs may not alias
-            return self.x.new_empty((0,))
-
-        return (self.gi if self.gi is not None else empty(),
-                self.gw.to(self.lin_w.dtype) if self.gw is not None else empty(),
-                self.gb.to(self.lin_b.dtype) if self.gb is not None else empty())
 
 
 def _views(logits: Tensor, target: Tensor, i: int, j: int):
@@ -153,15 +61,47 @@ def _gradient_in_place(logits3, t, weight, lse, g, opts: A.CeOptions) -> None:
         ops.ce_bwd_(g, logits3, t, weight, lse, *opts)
 
 
+_COMPACT_FROM = 8  # compact when at least 1/8 of the rows are ignored (a gather and a scatter)
+
+
+def _kept_rows(x, lin_w, lin_b, target, opts: A.CeOptions) -> Optional[Tensor]:
+    """The rows whose target is not ignore_index, when enough rows are ignored to be worth
+    skipping (CPU only: reading the targets costs nothing there; on CUDA it would synchronise).
+    None where every row runs: no compaction, or a non-finite value that would spread NaN from
+    an ignored row (an ignored row's hidden state, or the head), as torch's gradient does."""
+    if x.device.type != "cpu" or target.is_floating_point() or x.shape[0] == 0:
+        return None
+    ignored = target == opts.ignore_index
+    n_ignored = int(ignored.sum())
+    if n_ignored * _COMPACT_FROM < x.shape[0]:
+        return None
+    if not (torch.isfinite(x[ignored]).all() and torch.isfinite(lin_w).all()
+            and (lin_b is None or torch.isfinite(lin_b).all())):
+        return None
+    return (~ignored).nonzero().squeeze(1)
+
+
 def forward_chunks(x, lin_w, lin_b, target, weight, opts: A.CeOptions, spec: ChunkSpec,
                    grad_scale: Tensor, needs: Needs):
     """Per-row losses [N] (accumulation dtype) and lse [N] (float64), and the gradients of
     ``sum(grad_scale * loss)`` that ``needs`` asks for (``grad_scale`` per row or a 0-dim
-    broadcast): (rows, lse, grad_input, grad_weight, grad_bias), empty where not asked."""
+    broadcast): (rows, lse, grad_input, grad_weight, grad_bias), empty where not asked. Rows
+    whose target is ignored take no GEMM work on the CPU (``_kept_rows``): their loss is 0, their
+    gradient 0 and their lse not computed (0)."""
+    kept = _kept_rows(x, lin_w, lin_b, target, opts)
+    if kept is not None:
+        N = x.shape[0]
+        scale = grad_scale if grad_scale.dim() == 0 else grad_scale[kept]
+        rows_k, lse_k, gi_k, gw, gb = forward_chunks(x[kept], lin_w, lin_b, target[kept], weight,
+                                                     opts, spec, scale, needs._replace())
+        rows = rows_k.new_zeros(N).index_copy_(0, kept, rows_k)
+        lse = lse_k.new_zeros(N).index_copy_(0, kept, lse_k)
+        gi = x.new_zeros(x.shape).index_copy_(0, kept, gi_k) if needs.input else gi_k
+        return rows, lse, gi, gw, gb
     N = x.shape[0]
     rows = x.new_empty((N,), dtype=acc_dtype(x.dtype))
     lse_all = x.new_empty((N,), dtype=torch.float64)
-    sums = _GradSums(x, lin_w, lin_b, needs, spec.acc(x.dtype))
+    sums = GradSums(x, lin_w, lin_b, needs, spec.acc(x.dtype))
     for i, j, logits in chunk_logits(x, lin_w, lin_b, spec.rows):
         logits3, t = _views(logits, target, i, j)
         if t.is_floating_point():
@@ -181,9 +121,17 @@ def backward_chunks(x, lin_w, lin_b, target, weight, opts: A.CeOptions, spec: Ch
                     lse: Tensor, grad_rows: Tensor, needs: Needs):
     """The gradients of ``sum(grad_rows * loss)`` (``grad_rows`` [N] or 0-dim, accumulation
     dtype) from the saved lse, the logits recomputed a chunk at a time: (grad_input,
-    grad_weight, grad_bias), empty where not asked."""
+    grad_weight, grad_bias), empty where not asked. Ignored rows are skipped as in the
+    forward."""
+    kept = _kept_rows(x, lin_w, lin_b, target, opts)
+    if kept is not None:
+        g = grad_rows if grad_rows.dim() == 0 else grad_rows[kept]
+        gi_k, gw, gb = backward_chunks(x[kept], lin_w, lin_b, target[kept], weight, opts, spec,
+                                       lse[kept], g, needs)
+        gi = x.new_zeros(x.shape).index_copy_(0, kept, gi_k) if needs.input else gi_k
+        return gi, gw, gb
     N = x.shape[0]
-    sums = _GradSums(x, lin_w, lin_b, needs, spec.acc(x.dtype))
+    sums = GradSums(x, lin_w, lin_b, needs, spec.acc(x.dtype))
     for i, j, logits in chunk_logits(x, lin_w, lin_b, spec.rows):
         logits3, t = _views(logits, target, i, j)
         g = grad_rows.expand(N)[i:j].view(-1, 1)
@@ -269,7 +217,7 @@ def _needs(ctx, lin_b) -> Needs:
     return Needs(need_x, need_w, need_b and lin_b is not None)
 
 
-def _composite_grads(ctx, grad_out, x, lin_w, lin_b, target, weight):
+def _composite_grads(ctx, grad_out, x, lin_w, lin_b, target, weight, tw):
     """A differentiable backward (create_graph=True): the composite's gradients."""
     needs = ctx.needs_input_grad[:3]
     inputs = [t for t, need in zip((x, lin_w, lin_b), needs) if need]
@@ -277,7 +225,8 @@ def _composite_grads(ctx, grad_out, x, lin_w, lin_b, target, weight):
     # in the accumulation dtype, an exact widening): cross_entropy requires the input's dtype
     weight = weight.to(x.dtype) if weight is not None else None
     with torch.enable_grad():
-        loss = composite(x, lin_w, lin_b, target, weight, ctx.config.reduction, ctx.config.opts)
+        loss = composite(x, lin_w, lin_b, target, weight, ctx.config.reduction, ctx.config.opts,
+                         tw)
     got = iter(torch.autograd.grad(loss, inputs, grad_out, create_graph=True))
     return [next(got) if need else None for need in needs]
 
@@ -290,28 +239,30 @@ class _LinearCrossEntropyReduced(torch.autograd.Function):
     """The ``mean`` / ``sum`` loss with its gradients formed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, lin_w, lin_b, target, weight, denom, config: _Config):
+    def forward(ctx, x, lin_w, lin_b, target, weight, tw, denom, config: _Config):
         acc = acc_dtype(x.dtype)
         if config.reduction == "mean":
             scale = torch.reciprocal(denom.to(acc))
         else:
             scale = torch.ones((), dtype=acc, device=x.device)
+        if tw is not None:  # the token weights folded into each row's upstream gradient
+            scale = scale * tw
         needs = _needs(ctx, lin_b)
         rows, lse, gi, gw, gb = _linear_ce_fwd(x, lin_w, lin_b, target, weight, scale,
                                                **_op_options(config.opts, config.spec, needs))
-        ctx.save_for_backward(x, lin_w, lin_b, target, weight, scale, lse, gi, gw, gb)
+        ctx.save_for_backward(x, lin_w, lin_b, target, weight, tw, scale, lse, gi, gw, gb)
         ctx.config = config
         ctx.handed_over = False
         ctx.compiled = torch.compiler.is_compiling()
-        return reduce_rows(rows, denom, config.reduction)
+        return reduce_rows(rows, denom, config.reduction, tw)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lin_w, lin_b, target, weight, scale, lse, gi, gw, gb = ctx.saved_tensors
+        x, lin_w, lin_b, target, weight, tw, scale, lse, gi, gw, gb = ctx.saved_tensors
         needs = _needs(ctx, lin_b)
         if torch.is_grad_enabled():
             return input_grads(ctx, *_composite_grads(ctx, grad_out, x, lin_w, lin_b, target,
-                                                      weight))
+                                                      weight, tw))
         if ctx.compiled:  # a traced backward runs as often as it is called: nothing in place
             return input_grads(ctx, *_asked([g * grad_out for g in (gi, gw, gb)], needs))
         if not ctx.handed_over:
@@ -333,20 +284,21 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
     per-row upstream gradient."""
 
     @staticmethod
-    def forward(ctx, x, lin_w, lin_b, target, weight, config: _Config):
+    def forward(ctx, x, lin_w, lin_b, target, weight, tw, config: _Config):
         rows, lse = _rows_and_lse(x, lin_w, lin_b, target, weight, config)
-        ctx.save_for_backward(x, lin_w, lin_b, target, weight, lse)
+        ctx.save_for_backward(x, lin_w, lin_b, target, weight, tw, lse)
         ctx.config = config
-        return rows
+        return rows if tw is None else rows * tw
 
     @staticmethod
     def backward(ctx, grad_rows):
-        x, lin_w, lin_b, target, weight, lse = ctx.saved_tensors
+        x, lin_w, lin_b, target, weight, tw, lse = ctx.saved_tensors
         if torch.is_grad_enabled():
             return input_grads(ctx, *_composite_grads(ctx, grad_rows, x, lin_w, lin_b, target,
-                                                      weight))
+                                                      weight, tw))
         needs = _needs(ctx, lin_b)
-        g = grad_rows.to(acc_dtype(x.dtype)).contiguous()
+        g = grad_rows.to(acc_dtype(x.dtype))
+        g = (g if tw is None else g * tw).contiguous()
         grads = _linear_ce_bwd(x, lin_w, lin_b, target, weight, lse, g,
                                **_op_options(ctx.config.opts, ctx.config.spec, needs))
         return input_grads(ctx, *_asked(grads, needs))
@@ -360,8 +312,8 @@ def _rows_and_lse(x, lin_w, lin_b, target, weight, config: _Config):
     return rows, lse
 
 
-def reduce_rows(rows: Tensor, denom, reduction: str) -> Tensor:
-    total = fixed_order_sum(rows)
+def reduce_rows(rows: Tensor, denom, reduction: str, tw: Optional[Tensor] = None) -> Tensor:
+    total = fixed_order_sum(rows if tw is None else rows * tw)
     return total / denom if reduction == "mean" else total
 
 
@@ -370,15 +322,17 @@ def reduce_rows(rows: Tensor, denom, reduction: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def composite(x, lin_w, lin_b, target, weight, reduction, opts: A.CeOptions):
+def composite(x, lin_w, lin_b, target, weight, reduction, opts: A.CeOptions, tw=None):
     """``cross_entropy(F.linear(x, lin_w, lin_b), target, ...)`` with the whole logits."""
     H = lin_w.shape[-1]
     logits = F.linear(x, lin_w.reshape(-1, H), None if lin_b is None else lin_b.reshape(-1))
     if lin_w.dim() > 2:  # K-dim out_features: (N, C * d_1 * ... * d_K) -> (N, C, d_1, ..., d_K)
         logits = logits.reshape(*x.shape[:-1], *lin_w.shape[:-1])
+    if tw is not None:  # one factor per position of the logits (all but the class dimension)
+        tw = tw.reshape(logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else ())
     return _core.cross_entropy(logits, target, weight, reduction, opts.ignore_index,
                                opts.label_smoothing, opts.z_loss, opts.softcap or None, False,
-                               "linear_cross_entropy")
+                               "linear_cross_entropy", tw)
 
 
 def check_shapes(input, linear_weight, linear_bias, fn):
@@ -456,7 +410,8 @@ def _needs_composite(input, linear_weight, target, weight, out_features) -> bool
 def linear_cross_entropy_acc(input, linear_weight, target, linear_bias=None, weight=None,
                              reduction="mean", ignore_index=None, label_smoothing=0.0,
                              options=None, z_loss=0.0, softcap=None, chunk_size=None,
-                             grad_weight_acc_dtype=None) -> Tensor:
+                             grad_weight_acc_dtype=None, token_weight=None,
+                             vocab_chunk_size=None) -> Tensor:
     """``linear_cross_entropy`` with the loss in its accumulation dtype (float32 for half
     inputs; the public function rounds it to the input's dtype)."""
     fn = "linear_cross_entropy"
@@ -476,15 +431,18 @@ def linear_cross_entropy_acc(input, linear_weight, target, linear_bias=None, wei
     opts = A.ce_options(ignore, label_smoothing, z_loss, softcap, fn)
     chunk = chunk_option(options, chunk_size, fn)
     acc_fp32 = acc_option(options, grad_weight_acc_dtype, input.dtype, fn)
+    vocab_rows = check_vocab_chunk(vocab_chunk_size, fn)
     if not torch.compiler.is_compiling() and not torch.is_autocast_enabled(input.device.type):
         # every argument check of cross_entropy, on logits that take no memory (under autocast
         # the composite runs, and checks)
         meta = torch.empty(logits_shape, dtype=input.dtype, device="meta")
         _composite_checks(meta, target, weight, reduction, opts, fn)
+    tw = A.check_token_weight(token_weight, (*input.shape[:-1], *out_features), input, fn)
     if _needs_composite(input, linear_weight, target, weight, out_features):
-        return composite(input, linear_weight, linear_bias, target, weight, reduction, opts)
+        return composite(input, linear_weight, linear_bias, target, weight, reduction, opts, tw)
     x = input if batched else input.unsqueeze(0)
     t = target if batched else target.unsqueeze(0)
+    tw = tw.reshape(-1) if tw is not None else None
     if not prob and t.dtype == torch.uint8:
         t = t.to(torch.int32)
     w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
@@ -497,17 +455,33 @@ def linear_cross_entropy_acc(input, linear_weight, target, linear_bias=None, wei
     lin_w = linear_weight.contiguous()
     t = t.contiguous()
     grads = A.tracks_grad(x, lin_w, linear_bias)
+    if vocab_rows is not None:  # the weight's gradient accumulated a vocabulary slice at a time
+        denom = None
+        if reduction == "mean":
+            denom = (torch.full((), float(N), dtype=torch.float64, device=x.device)
+                     if prob and tw is None else fixed_order_sum(tw) if prob
+                     else A.mean_denominator(t.view(N, 1), w, opts.ignore_index, C,
+                                             tw.view(N, 1) if tw is not None else None))
+        loss = vocab_chunked(x, lin_w, linear_bias, t, w, tw, denom, reduction, opts,
+                             config.spec.rows, vocab_rows, prob, config.spec.acc(x.dtype), grads)
+        return loss if batched or reduction != "none" else loss.reshape(())
     if reduction == "none":
         if grads:
-            rows = _LinearCrossEntropyRows.apply(x, lin_w, linear_bias, t, w, config)
+            rows = _LinearCrossEntropyRows.apply(x, lin_w, linear_bias, t, w, tw, config)
         else:
             rows = _rows_and_lse(x, lin_w, linear_bias, t, w, config)[0]
+            rows = rows if tw is None else rows * tw
         return rows if batched else rows.reshape(())
     if reduction == "mean":  # torch's denominators: positions (probabilities), sum of w[y] kept
-        denom = (torch.full((), float(N), dtype=acc_dtype(x.dtype), device=x.device) if prob
-                 else A.mean_denominator(t.view(N, 1), w, opts.ignore_index, C))
+        if prob:
+            denom = (torch.full((), float(N), dtype=acc_dtype(x.dtype), device=x.device)
+                     if tw is None else fixed_order_sum(tw))
+        else:
+            denom = A.mean_denominator(t.view(N, 1), w, opts.ignore_index, C,
+                                       tw.view(N, 1) if tw is not None else None)
     else:
         denom = torch.ones((), device=x.device)
     if grads:
-        return _LinearCrossEntropyReduced.apply(x, lin_w, linear_bias, t, w, denom, config)
-    return reduce_rows(_rows_and_lse(x, lin_w, linear_bias, t, w, config)[0], denom, reduction)
+        return _LinearCrossEntropyReduced.apply(x, lin_w, linear_bias, t, w, tw, denom, config)
+    return reduce_rows(_rows_and_lse(x, lin_w, linear_bias, t, w, config)[0], denom, reduction,
+                       tw)

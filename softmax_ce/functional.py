@@ -53,6 +53,7 @@ def cross_entropy(
     softcap: Optional[float] = None,
     inplace_backward: bool = False,
     process_group=None,
+    token_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
 
@@ -68,6 +69,12 @@ def cross_entropy(
         N x C buffer). The logits' contents are destroyed by backward and their version counter
         is bumped, so any other autograd use of them raises. Ignored under ``torch.compile``
         and with ``create_graph=True`` (falls back to a fresh gradient).
+      token_weight: a float factor per position (shaped like a class-index target, or like the
+        logits without their class dimension), multiplying each position's loss: ``none``
+        returns ``token_weight * loss``, ``sum`` their sum, ``mean`` divides it by the sum of
+        ``token_weight * weight[y]`` over the kept positions (of ``token_weight`` for
+        probability targets). Folded into the gradient formed in the forward; it gets no
+        gradient itself (an error if it requires one).
       process_group: a ``torch.distributed`` group over which the class dimension is split
         (vocab-parallel): ``input`` holds this rank's slice, classes ``[r * C_local,
         (r + 1) * C_local)`` on rank r, slices of one size; ``target`` (global class indices, or
@@ -82,7 +89,8 @@ def cross_entropy(
     backward; see ``gradient_in_forward``.
     """
     if (size_average is None and reduce is None and softcap is None and process_group is None
-            and not inplace_backward and (reduction == "mean" or reduction == "sum")):
+            and token_weight is None and not inplace_backward
+            and (reduction == "mean" or reduction == "sum")):
         loss = _core.host_cross_entropy(input, target, weight, ignore_index, label_smoothing,
                                         z_loss, reduction == "mean")
         if loss is not None:
@@ -90,6 +98,10 @@ def cross_entropy(
     reduction = A.reduction_of(size_average, reduce, reduction)
     if process_group is not None or A.is_dtensor(input):
         from . import distributed
+
+        if token_weight is not None:
+            raise NotImplementedError("cross_entropy: token_weight is not supported with a "
+                                      "process group or DTensor logits")
 
         if process_group is None:
             return distributed.cross_entropy_dtensor(
@@ -99,7 +111,7 @@ def cross_entropy(
             input, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
             inplace_backward, process_group, "cross_entropy")
     return _core.cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing,
-                               z_loss, softcap, inplace_backward, "cross_entropy")
+                               z_loss, softcap, inplace_backward, "cross_entropy", token_weight)
 
 
 

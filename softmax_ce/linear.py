@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from . import _args as A
-from ._linear_core import default_chunk_size, linear_cross_entropy_acc
+from ._chunks import default_chunk_size
+from ._linear_core import linear_cross_entropy_acc
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
 
@@ -34,6 +35,8 @@ def linear_cross_entropy(
     grad_weight_acc_dtype: Optional[torch.dtype] = None,
     process_group=None,
     sequence_parallel: bool = False,
+    token_weight: Optional[Tensor] = None,
+    vocab_chunk_size: Optional[int] = None,
 ) -> Tensor:
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` with the logits
     computed a chunk of rows at a time, never whole; torch 2.13's ``F.linear_cross_entropy``
@@ -47,7 +50,13 @@ def linear_cross_entropy(
     Keyword-only extensions: ``z_loss``, ``softcap`` (as in ``cross_entropy``); ``chunk_size``
     (rows per chunk; default: ``default_chunk_size``); ``grad_weight_acc_dtype`` (float32, the
     default for half inputs, or the input's dtype). Results do not depend on the chunk size
-    beyond rounding.
+    beyond rounding. ``token_weight``: a float factor per position (shaped like the positions of
+    ``input``), multiplying each position's loss: ``none`` returns ``token_weight * loss``,
+    ``sum`` their sum, ``mean`` divides it by the sum of ``token_weight * weight[y]`` over the
+    kept positions; folded into the gradient formed in the forward, no second pass; it gets no
+    gradient itself. ``vocab_chunk_size``: accumulate the weight's gradient that many vocabulary
+    rows at a time (its float32 accumulator for a half-precision head is then
+    ``vocab_chunk_size x H``, not ``C x H``), at the cost of computing the logits twice.
 
     ``process_group`` (vocab-parallel): ``linear_weight`` (and ``linear_bias``) hold this rank's
     slice of the vocabulary rows, ``[r * C_local, (r + 1) * C_local)`` on rank r, slices of one
@@ -67,7 +76,8 @@ def linear_cross_entropy(
 
         fn = "linear_cross_entropy"
         args = distributed.HeadArgs(reduction, ignore_index, label_smoothing, z_loss, softcap,
-                                    chunk_size, options, grad_weight_acc_dtype)
+                                    chunk_size, options, grad_weight_acc_dtype, token_weight,
+                                    vocab_chunk_size)
         if process_group is not None:
             return distributed.linear_cross_entropy_over_group(
                 input, linear_weight, target, linear_bias, weight, args, process_group,
@@ -83,5 +93,6 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy: sequence_parallel=True needs a process_group")
     loss = linear_cross_entropy_acc(input, linear_weight, target, linear_bias, weight, reduction,
                                     ignore_index, label_smoothing, options, z_loss, softcap,
-                                    chunk_size, grad_weight_acc_dtype)
+                                    chunk_size, grad_weight_acc_dtype, token_weight,
+                                    vocab_chunk_size)
     return loss.to(input.dtype)

@@ -331,3 +331,89 @@ def sigmoid_ce_bwd(grad_loss, logits, target, weight, pos_weight):
     if weight is not None:
         grad = grad * weight.to(acc)
     return grad.to(logits.dtype).expand(logits.shape).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token outputs of softmax(z / T): log-probability of the target, lse, entropy, top-k
+# ---------------------------------------------------------------------------------------------
+
+
+def token_rows(z, temperature):
+    """(s, m, log_s) of logits ``z`` ``[n, C]``: s = z / T in the accumulation dtype, the row
+    maximum m ``[n, 1]`` (NaN where not finite) and log(sum exp(s - m)) ``[n, 1]``, kept apart so
+    that log p = (s - m) - log_s has no cancellation."""
+    s = z.to(acc_dtype(z.dtype)) / temperature
+    m, log_s = _row_stats(s.unsqueeze(-1))  # [n, 1, 1]
+    return s, m.squeeze(-1), log_s.squeeze(-1)  # [n, 1]
+
+
+def token_outputs(z, target, temperature, ignore_index, entropy, top_k):
+    """The per-token outputs of logits ``z`` ``[n, C]`` (differentiable torch ops, the
+    accumulation dtype): (log_prob, lse, argmax, entropy or None, top-k log-probabilities or None,
+    top-k indices or None, lse in float64). With s = z / T, p = softmax(s):
+
+        log_prob = s_y - lse (0 where y == ignore_index),  lse = logsumexp(s),
+        entropy = -sum_c p_c log p_c,  top-k: the k largest log p_c, descending.
+
+    ``argmax`` is torch.argmax of the logits (the lowest index on ties)."""
+    s, m, log_s = token_rows(z, temperature)
+    logp = (s - m) - log_s
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+    log_prob = torch.where(valid, picked, torch.zeros_like(picked))
+    H = None
+    if entropy:
+        p = torch.exp(logp)
+        H = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)  # 0 log 0 = 0
+    values = indices = None
+    if top_k:
+        values, indices = torch.topk(logp, top_k, dim=1)
+    lse64 = (m.double() + log_s.double()).squeeze(1)
+    return (log_prob, (m + log_s).squeeze(1), z.argmax(1), H, values, indices, lse64)
+
+
+def token_log_p(z, temperature, lse64):
+    """log p = s - lse of logits ``z`` ``[n, C]`` from the saved float64 lse (split into hi + lo
+    in the accumulation dtype so that large logits keep their precision)."""
+    s = z.to(acc_dtype(z.dtype)) / temperature
+    hi = lse64.to(s.dtype)
+    lo = (lse64 - hi.double()).to(s.dtype)
+    return (s - hi.unsqueeze(1)) - lo.unsqueeze(1)
+
+
+def token_gradient(logp, temperature, *, g_lp=None, valid=None, index=None, owned=None,
+                   g_lse=None, g_entropy=None, entropy=None, g_topk=None, topk_index=None,
+                   topk_owned=None):
+    """The gradient of any mix of the per-token outputs with respect to the logits of ``logp``
+    ``[n, C]`` (log p over those columns), for upstream gradients g_lp, g_lse, g_H, g_k (each
+    None for zero):
+
+        dz_c = (1/T) [p_c (a - g_H (log p_c + H)) + g_lp [c = y] + sum_i g_k,i [c = i]],
+        a = g_lse - g_lp - sum_i g_k,i
+
+    ``index`` / ``topk_index``: the target's and the top-k's columns in ``logp`` where ``owned``
+    / ``topk_owned`` (on one device every kept target and every top-k; on a slice of the
+    vocabulary the ones the slice holds); ``valid``: positions not ignored (g_lp is 0 there)."""
+    p = torch.exp(logp)
+    a = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
+    if g_lse is not None:
+        a = a + g_lse.to(logp.dtype)
+    if g_lp is not None:
+        g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp)).to(logp.dtype)
+        a = a - g_lp
+    if g_topk is not None:
+        g_topk = g_topk.to(logp.dtype)
+        a = a - g_topk.sum(1)
+    grad = p * a.unsqueeze(1)
+    if g_entropy is not None:  # -g_H p_c (log p_c + H); 0 where p_c is 0 (a masked logit)
+        term = p * (logp + entropy.to(logp.dtype).unsqueeze(1))
+        grad = grad - g_entropy.to(logp.dtype).unsqueeze(1) * torch.where(
+            p > 0, term, torch.zeros_like(term))
+    if g_lp is not None:
+        grad = grad.scatter_add(1, index.unsqueeze(1),
+                                torch.where(owned, g_lp, torch.zeros_like(g_lp)).unsqueeze(1))
+    if g_topk is not None:
+        grad = grad.scatter_add(1, topk_index,
+                                torch.where(topk_owned, g_topk, torch.zeros_like(g_topk)))
+    return grad / temperature

@@ -74,3 +74,16 @@ def test_distributed_bench_runs_and_reports():
     text = distributed.report(result)
     assert "fused linear cross-entropy (N, H, C) = (32, 8, 64)" in text
     assert text.count("input sequence:") == 2 and text.count("input replicated:") == 2
+
+
+def test_token_bench_runs_and_reports():
+    """bench --tokens on tiny shapes: every row is there, and the per-token outputs agree."""
+    from softmax_ce.bench import token_cases
+
+    result = token_cases.run(((64, 8, 128),), (64, 8, 128), (256, 4, 64), rounds=1)
+    assert result["tokens"][0]["agrees"]
+    assert set(result["tokens"][0]["seconds"]) == {"softmax_ce", "torch"}
+    assert result["ignored"]["ratio"] > 0
+    assert result["cap"]["capped"]["chunk_rows"] >= 1
+    text = token_cases.report(result)
+    assert "per-token outputs" in text and "half ignored" in text and "rows per chunk" in text

@@ -195,6 +195,98 @@ def case_loss_module_sharded(rank, world, group):
         torch.testing.assert_close(module.linear.weight.grad.full_tensor(), gW, **CLOSE)
         torch.testing.assert_close(hd.grad, gh, **CLOSE)
         out.append(f"{layout}: {local.item():.12f}")
+    # the per-token outputs' module under fully_shard: its call gathers the weight
+    module = softmax_ce.nn.LinearLogProbs(8, 5 * world, dtype=torch.float64, entropy=True)
+    with torch.no_grad():
+        module.linear.weight.copy_(W)
+    fully_shard(module)
+    hd = h.clone().requires_grad_()
+    res = module(hd, t)
+    (res.log_prob.sum() + res.entropy.sum()).backward()
+    hf, Wf = h.clone().requires_grad_(), W.clone().requires_grad_()
+    lp = torch.log_softmax(hf @ Wf.t(), -1)
+    valid = t != -100
+    want_lp = torch.where(valid, lp.gather(1, t.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    want_H = -(lp.exp() * lp).sum(-1)
+    (want_lp.sum() + want_H.sum()).backward()
+    torch.testing.assert_close(res.log_prob, want_lp.detach(), **CLOSE)
+    torch.testing.assert_close(module.linear.weight.grad.full_tensor(), Wf.grad, **CLOSE)
+    torch.testing.assert_close(hd.grad, hf.grad, **CLOSE)
+    return out
+
+
+def case_linear_log_probs_sharded(rank, world, group):
+    """Per-token outputs of a head split over the ranks (process group, and a DTensor weight):
+    every output and every gradient against torch on the whole head, in float64; masked
+    (-inf-biased) classes on one rank; the collectives of a first and a steady call."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    C = 4 * world
+    out = []
+    for layout in ("group", "dtensor"):
+        g = torch.Generator().manual_seed(80)
+        x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+        W = torch.randn(C, 5, generator=g, dtype=torch.float64)
+        b = torch.randn(C, generator=g, dtype=torch.float64)
+        b[1:3] = float("-inf")  # classes nobody may predict, all on rank 0
+        t = torch.randint(3, C, (7,), generator=g)
+        t[2] = -100
+        xf, Wf, bf = (a.clone().requires_grad_() for a in (x, W, b))
+        z = F.linear(xf, Wf, bf) / 0.7
+        lp = torch.log_softmax(z, -1)
+        p = lp.exp()
+        want = [torch.where(t != -100, lp.gather(1, t.clamp(min=0)[:, None]).squeeze(1), 0.0),
+                torch.logsumexp(z, -1), -(p * torch.where(p > 0, lp, 0.0)).sum(-1),
+                torch.topk(lp, 3)[0]]
+        ups = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in want]
+        sum((w * u).sum() for w, u in zip(want, ups)).backward()
+        mine = slice(rank * 4, (rank + 1) * 4)
+        xl = x.clone().requires_grad_()
+        if layout == "group":
+            Wl, bl = W[mine].clone().requires_grad_(), b[mine].clone().requires_grad_()
+            res = softmax_ce.linear_log_probs(xl, Wl, t, bl, temperature=0.7, entropy=True,
+                                              top_k=3, chunk_size=3, process_group=group)
+            got = [res.log_prob, res.lse, res.entropy, res.top_k_log_probs]
+        else:
+            Wl = distribute_tensor(W.clone(), mesh, [Shard(0)]).requires_grad_()
+            bl = distribute_tensor(b.clone(), mesh, [Shard(0)]).requires_grad_()
+            res = softmax_ce.linear_log_probs(xl, Wl, t, bl, temperature=0.7, entropy=True,
+                                              top_k=3)
+            got = [o.to_local() for o in (res.log_prob, res.lse, res.entropy,
+                                          res.top_k_log_probs)]
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w.detach(), **CLOSE)
+        argmax = res.argmax if layout == "group" else res.argmax.to_local()
+        assert torch.equal(argmax, z.detach().argmax(-1))
+        sum((a * u).sum() for a, u in zip(
+            [res.log_prob, res.lse, res.entropy, res.top_k_log_probs], ups)).backward() \
+            if layout == "group" else sum((a.to_local() * u).sum() for a, u in zip(
+                [res.log_prob, res.lse, res.entropy, res.top_k_log_probs], ups)).backward()
+        torch.testing.assert_close(xl.grad, xf.grad, **CLOSE)
+        gW = Wl.grad if layout == "group" else Wl.grad.full_tensor()[mine]
+        torch.testing.assert_close(gW, Wf.grad[mine], **CLOSE)
+        out.append(float(got[1].sum()))
+    counts = {}
+    with count_collectives() as calls:
+        for k in (0, 2):
+            for call in ("first", "steady"):
+                xl = torch.randn(5, 3, requires_grad=True)
+                Wl = torch.randn(4, 3, requires_grad=True)
+                del calls[:]
+                res = softmax_ce.linear_log_probs(xl, Wl, torch.zeros(5, dtype=torch.long),
+                                                  top_k=k, process_group=group)
+                counts[f"top_k={k} {call} forward"] = list(calls)
+                del calls[:]
+                res.lse.sum().backward()
+                counts[f"top_k={k} {call} backward"] = list(calls)
+    assert counts == {"top_k=0 first forward": [GATHER, GATHER],
+                      "top_k=0 steady forward": [GATHER],
+                      "top_k=2 first forward": [GATHER, GATHER, GATHER],
+                      "top_k=2 steady forward": [GATHER, GATHER],
+                      **{f"top_k={k} {c} backward": ["all_reduce"] for k in (0, 2)
+                         for c in ("first", "steady")}}, counts
     return out
 
 
@@ -220,7 +312,7 @@ def case_sequence_parallel_collectives(rank, world, group):
 
 
 CASES = [case_dtensor_weight, case_dtensor_weight_2d_mesh, case_dtensor_sequence_sharded_hidden,
-         case_sequence_parallel_plain, case_loss_module_sharded,
+         case_sequence_parallel_plain, case_loss_module_sharded, case_linear_log_probs_sharded,
          case_sequence_parallel_collectives]
 
 

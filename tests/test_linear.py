@@ -266,6 +266,39 @@ def test_default_chunk_size_budget():
     assert softmax_ce.linear.default_chunk_size(10, 5, 3, torch.float32, torch.float32) == 10
 
 
+def test_default_chunk_memory_is_capped(monkeypatch):
+    """However many tokens: the default chunk's working memory stays under chunk_memory (256 MiB
+    by default; at (131072, 32, 32000) float32 the 1/11 rule alone gave 1.5 GB), settable
+    process-wide, for a block, and by SOFTMAX_CE_CHUNK_MEMORY_MIB."""
+    def work(rows, C, H, dtype, acc):
+        chunk = softmax_ce.linear.default_chunk_size(rows, C, H, dtype, acc)
+        size = torch.empty((), dtype=dtype).element_size()
+        return chunk * C * size + (chunk * (C + H) * 4 if acc != dtype else 0)
+
+    cases = ((131072, 32000, 32, torch.float32, torch.float32),
+             (327680, 152064, 4096, torch.bfloat16, torch.float32))
+    for case in cases:
+        assert work(*case) <= 256 << 20
+    with softmax_ce.chunk_memory(64 << 20):
+        for case in cases:
+            assert work(*case) <= 64 << 20
+    assert work(*cases[0]) > 64 << 20  # restored
+    # small problems are unchanged (1/11 of the logits, 16 MiB at least)
+    assert softmax_ce.linear.default_chunk_size(4096, 32000, 1024, torch.float32,
+                                                torch.float32) == 372
+    with pytest.raises(ValueError, match="positive"):
+        softmax_ce.chunk_memory(0)
+    import subprocess
+    import sys
+
+    code = ("import softmax_ce, torch; print(softmax_ce.linear.default_chunk_size(131072, 32000, "
+            "32, torch.float32, torch.float32))")
+    env = dict(__import__("os").environ, SOFTMAX_CE_CHUNK_MEMORY_MIB="32")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert int(out.stdout) == (32 << 20) // (32000 * 4)
+
+
 @needs_torch_lce
 def test_modules_state_dict_and_tied_form(device):
     torch.manual_seed(0)
@@ -396,3 +429,87 @@ def test_no_grad_and_partial_grads(device):
         want = torch.autograd.grad(ref, [v for v in ref_leaves if v.requires_grad])
         for g, e in zip(got, want):
             torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows_skipped_on_the_cpu(reduction):
+    """Half the positions ignored (a prompt): the CPU skips their GEMM work; the loss and every
+    gradient are still torch's, also through the recomputing backward of 'none'."""
+    from softmax_ce import _linear_core
+
+    x, W, b, t = _problem("cpu", N=40, H=6, C=13)
+    t[::2] = -100
+    assert _linear_core._kept_rows(x, W, b, t, softmax_ce._args.CeOptions(-100, 0., 0., 0.)) \
+        is not None
+    xo, Wo, bo = _leaf(x, W, b)
+    loss = softmax_ce.linear_cross_entropy(xo, Wo, t, linear_bias=bo, reduction=reduction,
+                                           label_smoothing=0.1, chunk_size=7)
+    grads = torch.autograd.grad(loss.sum() * 2.0, (xo, Wo, bo))
+    xr, Wr, br = _leaf(x, W, b)
+    ref = F.cross_entropy(F.linear(xr, Wr, br), t, reduction=reduction, label_smoothing=0.1)
+    for a, e in zip(grads, torch.autograd.grad(ref.sum() * 2.0, (xr, Wr, br))):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(grads[0][::2]) == 0
+
+
+def test_ignored_row_that_is_not_finite_spreads_nan_like_torch():
+    x, W, b, t = _problem("cpu", N=16, H=5, C=9)
+    t[:8] = -100
+    x[1, 2] = float("nan")  # an ignored row: torch's gradient of the weight is NaN
+    xo, Wo = _leaf(x, W)
+    softmax_ce.linear_cross_entropy(xo, Wo, t).backward()
+    xr, Wr = _leaf(x, W)
+    F.cross_entropy(F.linear(xr, Wr), t).backward()
+    torch.testing.assert_close(Wo.grad, Wr.grad, equal_nan=True)
+    assert torch.isnan(Wo.grad).any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", ["plain", "weight_smoothing_z", "softcap", "prob",
+                                    "token_weight"])
+def test_vocab_chunked_weight_gradient(reduction, option):
+    """vocab_chunk_size: the weight's gradient accumulated a slice of the vocabulary at a time
+    (a bounded float32 accumulator for half heads): torch's loss and every gradient."""
+    x, W, b, t = _problem("cpu", N=13, H=5, C=17, prob=option == "prob")
+    kw = {}
+    if option == "weight_smoothing_z":
+        kw = dict(weight=torch.rand(17, dtype=torch.float64) + 0.5, label_smoothing=0.2)
+    if option == "softcap":
+        kw = dict(softcap=2.0)
+    tw = torch.rand(13, dtype=torch.float64) if option == "token_weight" else None
+    xo, Wo, bo = _leaf(x, W, b)
+    loss = softmax_ce.linear_cross_entropy(xo, Wo, t, linear_bias=bo, reduction=reduction,
+                                           vocab_chunk_size=5, chunk_size=4, token_weight=tw,
+                                           z_loss=1e-2 if option == "weight_smoothing_z" else 0.0,
+                                           **kw)
+    got = torch.autograd.grad(loss.sum() * 1.5, (xo, Wo, bo))
+    xr, Wr, br = _leaf(x, W, b)
+    want = softmax_ce.linear_cross_entropy(xr, Wr, t, linear_bias=br, reduction=reduction,
+                                           token_weight=tw,
+                                           z_loss=1e-2 if option == "weight_smoothing_z" else 0.0,
+                                           **kw)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    for a, e in zip(got, torch.autograd.grad(want.sum() * 1.5, (xr, Wr, br))):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    if option == "plain" and reduction == "mean":  # against torch itself too
+        xt, Wt, bt = _leaf(x, W, b)
+        ref = F.cross_entropy(F.linear(xt, Wt, bt), t)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_vocab_chunked_half_precision_and_errors():
+    x, W, _, t = _problem("cpu", N=16, H=8, C=40, bias=False)
+    xo, Wo = _leaf(x.bfloat16(), W.bfloat16())
+    softmax_ce.linear_cross_entropy(xo, Wo, t, vocab_chunk_size=7).backward()
+    xr, Wr = _leaf(x.bfloat16(), W.bfloat16())
+    softmax_ce.linear_cross_entropy(xr, Wr, t).backward()
+    assert Wo.grad.dtype == torch.bfloat16
+    # both accumulate in float32 and round once: the same to bf16 rounding
+    torch.testing.assert_close(Wo.grad.float(), Wr.grad.float(), rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        softmax_ce.linear_cross_entropy(xo, Wo, t, vocab_chunk_size=0)
+    bad = t.clone()
+    bad[3] = 40
+    with pytest.raises(IndexError, match="Target 40 is out of bounds"):
+        softmax_ce.linear_cross_entropy(x, W, bad, vocab_chunk_size=7)

@@ -34,7 +34,7 @@ from .cases import (
 from .linear_cases import format_linear_table
 from .harness import (
     DTYPES, Record, Timer, minutes, copy_bandwidth, format_table, log, machine_info,
-    parse_shapes, plot,
+    parse_shapes, plot, write_json,
 )
 
 __all__ = ["add_arguments", "run", "main"]
@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 5; quick 3; "
                                                             "full 7)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tokens", action="store_true", help="per-token outputs against the torch "
+                   "way, the ignored-rows ratio and the capped chunk's memory "
+                   "(softmax_ce/bench/token_cases.py)")
     p.add_argument("--distributed", action="store_true", help="the vocab-parallel loss, world "
                    "size 2 over gloo, against one process (softmax_ce/bench/distributed.py); "
                    "--shapes NxC (default 4096x32000), --dtype")
@@ -93,6 +96,18 @@ def _select_cases(args, device):
 
 
 def run(args) -> int:
+    if getattr(args, "tokens", False):
+        from . import token_cases
+
+        if args.quick:
+            result = token_cases.run(((512, 64, 2048),), (1024, 32, 2048), (8192, 16, 2048),
+                                     rounds=1)
+        else:
+            result = token_cases.run(rounds=args.repeat or 3)
+        print(token_cases.report(result))
+        if args.json:
+            write_json(result, args.json)
+        return 0 if all(r["agrees"] for r in result["tokens"]) else 1
     if getattr(args, "distributed", False):
         from . import distributed
 
@@ -103,12 +118,7 @@ def run(args) -> int:
                                  head=(256, 64, 4096) if args.quick else (1024, 256, 32000))
         print(distributed.report(result))
         if args.json:
-            text = json.dumps(result, indent=1)
-            if args.json == "-":
-                print(text)
-            else:
-                with open(args.json, "w") as f:
-                    f.write(text)
+            write_json(result, args.json)
         return 0
     if args.repeat is None:
         args.repeat = 3 if args.quick else (7 if args.full else 5)

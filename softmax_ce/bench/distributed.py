@@ -5,7 +5,7 @@ holding the whole logits; and the bytes each scheme communicates per step.
 Per rank: the time of a forward+backward of a ``mean`` loss (median of the rounds) on its
 ``(N, C / world)`` slice, and the extra peak memory of that step (resident set, the allocator
 returning freed blocks, as the main benchmark measures). Communication per step, as payload
-sizes: ours, one all-gather of a 16-float header and 4 N float64 per rank in a steady state;
+sizes: ours, one all-gather of a header (18 float64) and 4 N float64 per rank in a steady state;
 Megatron's scheme, three all-reduces of N float32 (max, sum of exponentials, target logit).
 
 The fused linear head ``(N, H, C)`` the same way: one process holding the whole head against
@@ -23,13 +23,7 @@ import sys
 import tempfile
 import time
 
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+from .harness import extra_peak_bytes
 
 
 def _step_stats(fn, rounds):
@@ -40,15 +34,7 @@ def _step_stats(fn, rounds):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status("VmRSS")
-        fn()
-        peak = _status("VmHWM") - before
-    except OSError:
-        peak = None
-    return statistics.median(times), peak
+    return statistics.median(times), extra_peak_bytes(fn, "cpu")
 
 
 def _case(N, C, dtype_name, seed=0):
@@ -193,7 +179,7 @@ def run(N=4096, C=32000, dtype_name="float32", world=2, rounds=5,
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     element = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype_name]
-    header = 16  # float64 fields of the header (softmax_ce.distributed.protocol.Header)
+    from softmax_ce.distributed.protocol import HEADER_SIZE as header  # float64 fields
     return {
         "shape": [N, C], "dtype": dtype_name, "world": world,
         "logits_bytes": N * C * element,

@@ -147,6 +147,18 @@ def extra_peak_bytes(step: Callable[[], None], device: str) -> Optional[int]:
     return None if peak is None else max(0, (peak - base) * 1024)
 
 
+def write_json(result, path: str) -> None:
+    """The records as JSON to ``path`` ('-': stdout)."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def measure_peaks(records: List[Record], device: str, spec: dict, module: str,
                   function: str) -> None:
     """Fills the records' extra peak memory from ``module.function(spec)``: a dict from

@@ -21,7 +21,7 @@ from ..autograd import input_grads
 from ..fixed_sum import fixed_order_sum
 from ..reference import acc_dtype, capped
 from . import protocol as P
-from .slices import Column, Combined, combine, index_payload, prob_payload, slice_grad, weight_slice
+from .._slices import Column, Combined, combine, index_payload, prob_payload, slice_grad, weight_slice
 
 __all__ = ["cross_entropy_over_group", "vocab_parallel_cross_entropy", "guarded_call",
            "target_grad"]

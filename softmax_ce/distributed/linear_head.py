@@ -25,14 +25,15 @@ import torch
 import torch.distributed as dist
 
 from .. import _args as A
-from .._linear_core import Needs, check_shapes, chunk_logits, chunk_option, default_chunk_size
+from .._chunks import Needs, chunk_logits, default_chunk_size
+from .._linear_core import check_shapes, chunk_option
 from ..autograd import input_grads
 from ..fixed_sum import fixed_order_sum
 from ..reference import acc_dtype, capped
 from . import protocol as P
 from .dtensor import class_shard, replicated_local
 from .group import target_grad
-from .slices import Column, Combined, combine, index_payload, prob_payload, slice_grad, weight_slice
+from .._slices import Column, Combined, combine, index_payload, prob_payload, slice_grad, weight_slice
 
 __all__ = ["HeadArgs", "linear_cross_entropy_over_group", "linear_cross_entropy_dtensor",
            "linear_over_plan", "chunk_rows"]
@@ -188,6 +189,8 @@ class HeadArgs(NamedTuple):
     chunk_size: Optional[int] = None
     options: object = None
     grad_weight_acc_dtype: Optional[torch.dtype] = None
+    token_weight: object = None
+    vocab_chunk_size: object = None
 
 
 def chunk_rows(positions: int, world: int) -> tuple:
@@ -209,9 +212,11 @@ def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan
     try:
         P.unsupported_transforms(fn)
         reduction = A.reduction_of(None, None, args.reduction)
-        if args.options is not None or args.grad_weight_acc_dtype is not None:
-            raise NotImplementedError(f"{fn}: options and grad_weight_acc_dtype are not "
-                                      "supported with a process group or a DTensor weight")
+        if args.options is not None or args.grad_weight_acc_dtype is not None \
+                or args.token_weight is not None or args.vocab_chunk_size is not None:
+            raise NotImplementedError(f"{fn}: options, grad_weight_acc_dtype, token_weight and "
+                                      "vocab_chunk_size are not supported with a process group "
+                                      "or a DTensor weight (each rank accumulates its own slice)")
         if lin_w.dim() != 2:
             raise NotImplementedError(f"{fn}: K-dimensional out_features are not supported with "
                                       "a process group or a DTensor weight")

@@ -85,6 +85,7 @@ class TargetKind:
 
     INDEX = 1.0  # class indices
     PROB = 2.0  # class probabilities
+    TOKENS = 3.0  # class indices, per-token outputs (log_probs)
 
 
 REDUCTION_CODES = {"none": 0.0, "mean": 1.0, "sum": 2.0}
@@ -107,6 +108,8 @@ class Header(NamedTuple):
     label_smoothing: float
     z_loss: float
     softcap: float
+    temperature: float  # per-token outputs' temperature (1 for the loss)
+    top_k: float  # per-token outputs' k (0 for the loss)
     in_features: float  # the fused head's H (0 for logits)
     local_rows: float  # the fused head's rows of input on this rank (sequence parallel)
     flags: float  # FLAG_* bits
@@ -123,7 +126,8 @@ _ALIKE = (("classes", "the global number of classes"), ("positions", "the number
           ("kind", "the target kind (class indices or probabilities)"),
           ("reduction", "reduction"), ("dtype", "the input's dtype"),
           ("ignore_index", "ignore_index"), ("label_smoothing", "label_smoothing"),
-          ("z_loss", "z_loss"), ("softcap", "softcap"), ("in_features", "in_features"),
+          ("z_loss", "z_loss"), ("softcap", "softcap"), ("temperature", "temperature"),
+          ("top_k", "top_k"), ("in_features", "in_features"),
           ("local_rows", "the number of rows of input on each rank"),
           ("flags", "whether the input requires grad or is sequence-parallel"))
 _NAMES = {v: k for k, v in REDUCTION_CODES.items()}
@@ -131,13 +135,14 @@ _NAMES.update({v: str(k).replace("torch.", "") for k, v in DTYPE_CODES.items()})
 
 
 def make_header(plan: Plan, *, positions: int, kind: float, reduction: str, dtype: torch.dtype,
-                opts: A.CeOptions, in_features: int = 0, local_rows: int = 0,
-                flags: int = 0) -> Header:
+                opts: A.CeOptions, in_features: int = 0, local_rows: int = 0, flags: int = 0,
+                temperature: float = 1.0, top_k: int = 0) -> Header:
     """This rank's header for a call (the per-call fields zero)."""
     return Header(float(plan.size), float(plan.classes), float(positions), kind,
                   REDUCTION_CODES[reduction], DTYPE_CODES.get(dtype, 0.0),
                   float(opts.ignore_index), opts.label_smoothing, opts.z_loss, opts.softcap,
-                  float(in_features), float(local_rows), float(flags), 0.0, 0.0, 0.0)
+                  float(temperature), float(top_k), float(in_features), float(local_rows),
+                  float(flags), 0.0, 0.0, 0.0)
 
 
 class Agreement(NamedTuple):

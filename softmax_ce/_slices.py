@@ -1,5 +1,7 @@
-"""The maths of vocabulary slices: what each rank computes from its slice of the logits, how the
-gathered values combine into the loss, and the slice's gradient.
+"""The maths of vocabulary slices: what each slice of the logits yields per position, how those
+values combine into the loss, and the slice's gradient. Used by the vocab-parallel paths
+(``distributed/``: a rank's slice) and by the fused head's bounded weight-gradient accumulator
+(``_vocab_chunks``: slices of one device's vocabulary).
 
 Per position, with b_c the target's coefficient of class c (class indices: b_c = (1 - eps) w_y
 [c = y] + (eps / C) w_c; probabilities: b_c = w_c ((1 - eps) t_c + eps / C)), each rank r
@@ -34,13 +36,17 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _args as A
-from .. import reference
-from ..reference import acc_dtype
-from .protocol import Plan
+from . import _args as A
+from . import reference
+from .reference import acc_dtype
 
 __all__ = ["Column", "Combined", "index_payload", "prob_payload", "combine", "slice_grad",
            "weight_slice"]
+
+# ``plan`` below: anything with ``offset`` / ``size`` (this slice's classes), ``classes`` (the
+# global C) and ``rank``: distributed.protocol.Plan for a rank's slice, or _vocab_chunks' slices
+# of one device's vocabulary.
+Plan = object
 
 
 class Column:
