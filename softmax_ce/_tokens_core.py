@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _args as A
 from . import reference
-from ._chunks import GradSums, Needs, chunk_logits
+from ._chunks import GradSums, Needs, chunk_logits, default_chunk_size
 from .autograd import input_grads
 from .reference import acc_dtype
 
@@ -59,9 +59,11 @@ def token_forward(x, lin_w, lin_b, target, opts: TokenOptions, rows: int):
     values = torch.empty((N, opts.top_k), **out)
     indices = torch.empty((N, opts.top_k), dtype=torch.int64, device=x.device)
     lse64 = torch.empty(N, dtype=torch.float64, device=x.device)
+    scratch = lin_w is not None  # the chunk's logits are our buffer (else the caller's logits)
     for i, j, z in _chunks(x, lin_w, lin_b, rows):
         lp, l_, am, h, v, ix, l64 = reference.token_outputs(
-            z, target[i:j], opts.temperature, opts.ignore_index, opts.entropy, opts.top_k)
+            z, target[i:j], opts.temperature, opts.ignore_index, opts.entropy, opts.top_k,
+            inplace=scratch)
         log_prob[i:j], lse[i:j], argmax[i:j], lse64[i:j] = lp, l_, am, l64
         if opts.entropy:
             H[i:j] = h
@@ -88,7 +90,8 @@ def token_backward(x, lin_w, lin_b, target, lse64, H, topk_index, upstream, opts
         safe = torch.where(valid, t, torch.zeros_like(t)).long()
         k_index = topk_index[i:j] if g_k is not None else None
         G = reference.token_gradient(
-            reference.token_log_p(z, opts.temperature, lse64[i:j]), opts.temperature,
+            reference.token_log_p(z, opts.temperature, lse64[i:j], inplace=sums is not None),
+            opts.temperature, inplace=True,
             g_lp=None if g_lp is None else g_lp[i:j], valid=valid, index=safe, owned=valid,
             g_lse=None if g_lse is None else g_lse[i:j],
             g_entropy=None if g_H is None else g_H[i:j], entropy=H[i:j] if g_H is not None
@@ -212,15 +215,11 @@ def tokens(x, lin_w, lin_b, target, opts: TokenOptions, chunk: int, grads: bool)
 
 
 def token_chunk_size(rows: int, classes: int, dtype: torch.dtype) -> int:
-    """Rows per chunk of the token passes: their working memory (the chunk's logits and about
-    four accumulation-dtype temporaries of its size) under 1/11 of the whole logits, 16 MiB for
-    small problems and ``softmax_ce.chunk_memory`` in any case; at least 32 rows (or all)."""
-    from .switches import chunk_memory_limit
-
-    size = torch.empty((), dtype=dtype).element_size()
-    per_row = classes * (size + 4 * torch.empty((), dtype=acc_dtype(dtype)).element_size())
-    budget = min(max(rows * classes * size // 11, 16 << 20), chunk_memory_limit())
-    return int(max(1, min(rows, max(budget // max(per_row, 1), 32))))
+    """Rows per chunk of the token passes: the fused loss's rule (``default_chunk_size``: the
+    chunk's logits under 1/11 of the whole logits, under ``softmax_ce.chunk_memory``). The passes
+    work in place, so their working memory is about 2.25 chunks of logits (the chunk, one
+    temporary of its size in the accumulation dtype, a mask)."""
+    return default_chunk_size(rows, classes, 0, dtype, dtype)
 
 
 def token_options(temperature, ignore_index, entropy, top_k, classes, fn) -> TokenOptions:

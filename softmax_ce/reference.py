@@ -25,6 +25,7 @@ a NaN logit), as torch's ``log_softmax`` is. Ignored positions have loss 0 whate
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -338,53 +339,69 @@ def sigmoid_ce_bwd(grad_loss, logits, target, weight, pos_weight):
 # ---------------------------------------------------------------------------------------------
 
 
-def token_rows(z, temperature):
-    """(s, m, log_s) of logits ``z`` ``[n, C]``: s = z / T in the accumulation dtype, the row
-    maximum m ``[n, 1]`` (NaN where not finite) and log(sum exp(s - m)) ``[n, 1]``, kept apart so
-    that log p = (s - m) - log_s has no cancellation."""
-    s = z.to(acc_dtype(z.dtype)) / temperature
-    m, log_s = _row_stats(s.unsqueeze(-1))  # [n, 1, 1]
-    return s, m.squeeze(-1), log_s.squeeze(-1)  # [n, 1]
-
-
-def token_outputs(z, target, temperature, ignore_index, entropy, top_k):
-    """The per-token outputs of logits ``z`` ``[n, C]`` (differentiable torch ops, the
-    accumulation dtype): (log_prob, lse, argmax, entropy or None, top-k log-probabilities or None,
-    top-k indices or None, lse in float64). With s = z / T, p = softmax(s):
+def token_outputs(z, target, temperature, ignore_index, entropy, top_k, inplace=False):
+    """The per-token outputs of logits ``z`` ``[n, C]`` (torch ops in the accumulation dtype,
+    differentiable unless ``inplace``): (log_prob, lse, argmax, entropy or None, top-k
+    log-probabilities or None, top-k indices or None, lse in float64). With s = z / T,
+    p = softmax(s):
 
         log_prob = s_y - lse (0 where y == ignore_index),  lse = logsumexp(s),
-        entropy = -sum_c p_c log p_c,  top-k: the k largest log p_c, descending.
+        entropy = -sum_c p_c log p_c (0 log 0 = 0),  top-k: the k largest log p_c, descending.
 
-    ``argmax`` is torch.argmax of the logits (the lowest index on ties)."""
-    s, m, log_s = token_rows(z, temperature)
-    logp = (s - m) - log_s
+    ``argmax`` is torch.argmax of the logits (the lowest index on ties). The row maximum m and
+    log_s = log sum exp(s - m) are kept apart so that log p = (s - m) - log_s has no
+    cancellation. ``inplace``: ``z`` is scratch the caller owns; every step then writes into it
+    or into one temporary of its size (no allocation per step: the fast path's form)."""
+    argmax = z.argmax(1)
+    acc = acc_dtype(z.dtype)
+    if inplace:
+        s = (z if z.dtype == acc else z.to(acc)).div_(temperature)
+    else:
+        s = z.to(acc) / temperature
+    m = s.amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.full_like(m, float("nan")))
+    sm = s.sub_(m) if inplace else s - m
+    e = torch.exp(sm)
+    S = e.sum(1, keepdim=True)
+    log_s = torch.log(S)
+    logp = sm.sub_(log_s) if inplace else sm - log_s
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
     picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     log_prob = torch.where(valid, picked, torch.zeros_like(picked))
-    H = None
-    if entropy:
-        p = torch.exp(logp)
-        H = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1)  # 0 log 0 = 0
+    lse = (m + log_s).squeeze(1)
     values = indices = None
     if top_k:
         values, indices = torch.topk(logp, top_k, dim=1)
+    H = None
+    if entropy:
+        p = e.div_(S) if inplace else e / S
+        plogp = p.mul_(logp) if inplace else p * logp
+        masked = logp == -math.inf  # p = 0 there: 0 log 0 = 0, not 0 * -inf
+        plogp = plogp.masked_fill_(masked, 0.0) if inplace else plogp.masked_fill(masked, 0.0)
+        H = -plogp.sum(1)
+        H = torch.where(torch.isnan(lse), lse, H)  # a NaN row has a NaN entropy
     lse64 = (m.double() + log_s.double()).squeeze(1)
-    return (log_prob, (m + log_s).squeeze(1), z.argmax(1), H, values, indices, lse64)
+    return log_prob, lse, argmax, H, values, indices, lse64
 
 
-def token_log_p(z, temperature, lse64):
+def token_log_p(z, temperature, lse64, inplace=False):
     """log p = s - lse of logits ``z`` ``[n, C]`` from the saved float64 lse (split into hi + lo
-    in the accumulation dtype so that large logits keep their precision)."""
-    s = z.to(acc_dtype(z.dtype)) / temperature
-    hi = lse64.to(s.dtype)
-    lo = (lse64 - hi.double()).to(s.dtype)
+    in the accumulation dtype so that large logits keep their precision); ``inplace``: into
+    ``z``'s storage where it is the accumulation dtype."""
+    acc = acc_dtype(z.dtype)
+    hi = lse64.to(acc)
+    lo = (lse64 - hi.double()).to(acc)
+    if inplace:
+        s = (z if z.dtype == acc else z.to(acc)).div_(temperature)
+        return s.sub_(hi.unsqueeze(1)).sub_(lo.unsqueeze(1))
+    s = z.to(acc) / temperature
     return (s - hi.unsqueeze(1)) - lo.unsqueeze(1)
 
 
 def token_gradient(logp, temperature, *, g_lp=None, valid=None, index=None, owned=None,
                    g_lse=None, g_entropy=None, entropy=None, g_topk=None, topk_index=None,
-                   topk_owned=None):
+                   topk_owned=None, inplace=False):
     """The gradient of any mix of the per-token outputs with respect to the logits of ``logp``
     ``[n, C]`` (log p over those columns), for upstream gradients g_lp, g_lse, g_H, g_k (each
     None for zero):
@@ -394,7 +411,8 @@ def token_gradient(logp, temperature, *, g_lp=None, valid=None, index=None, owne
 
     ``index`` / ``topk_index``: the target's and the top-k's columns in ``logp`` where ``owned``
     / ``topk_owned`` (on one device every kept target and every top-k; on a slice of the
-    vocabulary the ones the slice holds); ``valid``: positions not ignored (g_lp is 0 there)."""
+    vocabulary the ones the slice holds); ``valid``: positions not ignored (g_lp is 0 there).
+    ``inplace``: ``logp`` is scratch (overwritten), the result one more temporary."""
     p = torch.exp(logp)
     a = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
     if g_lse is not None:
@@ -405,15 +423,23 @@ def token_gradient(logp, temperature, *, g_lp=None, valid=None, index=None, owne
     if g_topk is not None:
         g_topk = g_topk.to(logp.dtype)
         a = a - g_topk.sum(1)
-    grad = p * a.unsqueeze(1)
-    if g_entropy is not None:  # -g_H p_c (log p_c + H); 0 where p_c is 0 (a masked logit)
-        term = p * (logp + entropy.to(logp.dtype).unsqueeze(1))
-        grad = grad - g_entropy.to(logp.dtype).unsqueeze(1) * torch.where(
-            p > 0, term, torch.zeros_like(term))
+    term = None
+    if g_entropy is not None:  # g_H p_c (log p_c + H); 0 where p_c is 0 (a masked logit)
+        masked = p == 0
+        H = entropy.to(logp.dtype).unsqueeze(1)
+        term = logp.add_(H).mul_(p) if inplace else (logp + H) * p
+        term = term.masked_fill_(masked, 0.0) if inplace else term.masked_fill(masked, 0.0)
+        g_H = g_entropy.to(logp.dtype).unsqueeze(1)
+        term = term.mul_(g_H) if inplace else term * g_H
+    grad = p.mul_(a.unsqueeze(1)) if inplace else p * a.unsqueeze(1)
+    if term is not None:
+        grad = grad.sub_(term) if inplace else grad - term
     if g_lp is not None:
-        grad = grad.scatter_add(1, index.unsqueeze(1),
-                                torch.where(owned, g_lp, torch.zeros_like(g_lp)).unsqueeze(1))
+        src = torch.where(owned, g_lp, torch.zeros_like(g_lp)).unsqueeze(1)
+        grad = grad.scatter_add_(1, index.unsqueeze(1), src) if inplace \
+            else grad.scatter_add(1, index.unsqueeze(1), src)
     if g_topk is not None:
-        grad = grad.scatter_add(1, topk_index,
-                                torch.where(topk_owned, g_topk, torch.zeros_like(g_topk)))
-    return grad / temperature
+        src = torch.where(topk_owned, g_topk, torch.zeros_like(g_topk))
+        grad = grad.scatter_add_(1, topk_index, src) if inplace \
+            else grad.scatter_add(1, topk_index, src)
+    return grad.div_(temperature) if inplace else grad / temperature

@@ -176,7 +176,8 @@ class _ShardedTokens(torch.autograd.Function):
                 k_owned = (idx[s:e] >= plan.offset) & (idx[s:e] < plan.offset + plan.size)
                 k_idx = torch.where(k_owned, idx[s:e] - plan.offset, torch.zeros_like(idx[s:e]))
             G = reference.token_gradient(
-                reference.token_log_p(z, opts.temperature, lse64[s:e]), opts.temperature,
+                reference.token_log_p(z, opts.temperature, lse64[s:e], inplace=True),
+                opts.temperature, inplace=True,
                 g_lp=None if g_lp is None else g_lp[s:e], valid=valid, index=local,
                 owned=owned, g_lse=None if g_lse is None else g_lse[s:e],
                 g_entropy=None if g_H is None else g_H[s:e],
