@@ -37,6 +37,11 @@ class CeOptions(NamedTuple):
         """The options of the probability-target ops (no ignore_index)."""
         return self.label_smoothing, self.z_loss, self.softcap
 
+    def without_ignore_index(self) -> "CeOptions":
+        """The same options ignoring no class (probability targets). Not ``_replace``: torch
+        2.8's dynamo refuses to trace into ``collections``."""
+        return CeOptions(-100, self.label_smoothing, self.z_loss, self.softcap)
+
 
 def reduction_of(size_average, reduce, reduction: str) -> str:
     """The reduction, after torch's legacy ``size_average`` / ``reduce`` (with its warning)."""
@@ -204,10 +209,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype))
 
 
-def check_target_shape(input: Tensor, target: Tensor, fn: str) -> None:
+def check_target_shape(input: Tensor, target: Tensor, fn: str, input_name="'input'") -> None:
     """torch's (CPU) shape rules for class-index targets, with its exception types: a batch-size
     mismatch is a ValueError, any other shape mismatch a RuntimeError."""
-    where = f"(argument 'target' has shape {list(target.shape)}, 'input' {list(input.shape)})"
+    where = (f"(argument 'target' has shape {list(target.shape)}, {input_name} "
+             f"{list(input.shape)})")
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError(

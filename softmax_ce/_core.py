@@ -78,9 +78,10 @@ def _reduced(x3, t, w, denom, reduction: str, opts: A.CeOptions, inplace: bool, 
 
 
 def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, z_loss,
-                  softcap, inplace_backward, fn, token_weight=None):
+                  softcap, inplace_backward, fn, token_weight=None, input_name="'input'"):
     """``cross_entropy`` after its legacy arguments (``reduction`` already checked), errors
-    naming ``fn``. ``token_weight``: a factor per position (``none``: each loss times it;
+    naming ``fn`` and the logits ``input_name`` (the fused head's are not its ``input``).
+    ``token_weight``: a factor per position (``none``: each loss times it;
     ``sum``: their sum; ``mean``: divided by the kept positions' token weight times class
     weight)."""
     A.check_floating(input, "input", fn)
@@ -103,7 +104,8 @@ def cross_entropy(input, target, weight, reduction, ignore_index, label_smoothin
     if tuple(input.shape) == tuple(target.shape):
         return _probability_targets(input, target, weight, reduction, opts, inplace, fn,
                                     token_weight)
-    return _class_indices(input, target, weight, reduction, opts, inplace, fn, token_weight)
+    return _class_indices(input, target, weight, reduction, opts, inplace, fn, token_weight,
+                          input_name)
 
 
 def _probability_targets(input, target, weight, reduction, opts, inplace, fn, token_weight):
@@ -138,7 +140,7 @@ def _probability_targets(input, target, weight, reduction, opts, inplace, fn, to
     x3 = x.reshape(outer, C, inner)
     t3 = t.reshape(outer, C, inner)
     tw = tw.reshape(outer, inner) if tw is not None else None
-    opts = opts._replace(ignore_index=-100)
+    opts = opts.without_ignore_index()
     if reduction == "none":
         loss = _per_position(x3, t3, w, opts, inplace)
         loss = loss if tw is None else loss * tw
@@ -149,15 +151,16 @@ def _probability_targets(input, target, weight, reduction, opts, inplace, fn, to
     return _reduced(x3, t3, w, denom, reduction, opts, inplace, tw).to(out_dtype)
 
 
-def _class_indices(input, target, weight, reduction, opts, inplace, fn, token_weight):
+def _class_indices(input, target, weight, reduction, opts, inplace, fn, token_weight,
+                   input_name="'input'"):
     if target.dtype not in A.INDEX_DTYPES:
         raise RuntimeError(
             f"{fn}: expected argument 'target' to hold class indices (int64, int32 or uint8) "
-            f"or class probabilities (floating point, same shape as input), but got dtype "
-            f"{target.dtype} and shape {list(target.shape)} for input of shape "
+            f"or class probabilities (floating point, same shape as {input_name}), but got dtype "
+            f"{target.dtype} and shape {list(target.shape)} for {input_name} of shape "
             f"{list(input.shape)}"
         )
-    A.check_target_shape(input, target, fn)
+    A.check_target_shape(input, target, fn, input_name)
     A.check_no_grad(weight, "weight", fn)
     autocast = A.autocast_to_float32(input)
     out_dtype = torch.float32 if autocast else input.dtype
@@ -166,7 +169,8 @@ def _class_indices(input, target, weight, reduction, opts, inplace, fn, token_we
         if wdtype != out_dtype:
             raise RuntimeError(
                 f"{fn}: expected scalar type {A.dtype_name(out_dtype)} but found "
-                f"{A.dtype_name(weight.dtype)} (argument 'weight' must have the dtype of 'input')"
+                f"{A.dtype_name(weight.dtype)} (argument 'weight' must have the dtype of "
+                f"{input_name})"
             )
     w = weight.to(acc_dtype(input.dtype)) if weight is not None else None
     t = target.to(torch.int32) if target.dtype == torch.uint8 else target

@@ -389,12 +389,16 @@ def acc_option(options, grad_weight_acc_dtype, dtype, fn) -> bool:
     return acc == torch.float32
 
 
+# what the fused head's errors call the logits it never holds (its 'input' is the hidden states)
+LOGITS_NAME = "the logits ('input' @ 'linear_weight'.T)"
+
+
 def _composite_checks(meta, target, weight, reduction, opts, fn):
     """cross_entropy's argument checks and errors, run on meta tensors."""
     t = target.detach().to("meta")
     w = weight.detach().to("meta") if weight is not None else None
     _core.cross_entropy(meta, t, w, reduction, opts.ignore_index, opts.label_smoothing,
-                        opts.z_loss, opts.softcap or None, False, fn)
+                        opts.z_loss, opts.softcap or None, False, fn, input_name=LOGITS_NAME)
 
 
 def _needs_composite(input, linear_weight, target, weight, out_features) -> bool:

@@ -110,3 +110,20 @@ def count_collectives():
 
 
 GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
+def torch_leaf_grad_placements(mesh, shape, placements):
+    """The placements torch itself gives the gradient of a DTensor leaf of this layout that comes
+    back through ``to_local(grad_placements=...)``: the leaf's own on torch 2.13, Replicate for
+    an uneven shard on torch 2.8 (its gradient accumulation). The oracle for a test that checks
+    the placements of softmax_ce's DTensor gradients on the torch that runs it."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    leaf = distribute_tensor(torch.zeros(shape, dtype=torch.float64), mesh,
+                             list(placements)).requires_grad_()
+    local = leaf.to_local(grad_placements=leaf.placements)
+    total = DTensor.from_local(local.sum().reshape(()), mesh, [Replicate()] * mesh.ndim,
+                               run_check=False)
+    total.backward()
+    return tuple(leaf.grad.placements)
+

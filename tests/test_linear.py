@@ -359,6 +359,24 @@ def test_bad_dtypes_name_the_argument():
         softmax_ce.linear_cross_entropy(x, W, t.double())
 
 
+def test_errors_call_the_logits_by_their_name():
+    """The fused head's errors describe the logits as input @ linear_weight.T, not as the
+    user's 'input' (whose shape is the hidden states')."""
+    x, W, b, t = _problem("cpu")
+    logits = f"the logits ('input' @ 'linear_weight'.T) [{x.shape[0]}, {W.shape[0]}]"
+    with pytest.raises(ValueError) as err:
+        softmax_ce.linear_cross_entropy(x, W, t[:-1])
+    assert logits in str(err.value) and "'input' [" not in str(err.value)
+    with pytest.raises(RuntimeError) as err:
+        softmax_ce.linear_cross_entropy(x, W, t[:, None].expand(-1, 2))
+    assert logits in str(err.value)
+    with pytest.raises(RuntimeError, match="dtype of the logits"):
+        softmax_ce.linear_cross_entropy(x, W, t, weight=torch.ones(W.shape[0]))
+    # cross_entropy itself still names its input
+    with pytest.raises(ValueError, match=r"'input' \["):
+        softmax_ce.cross_entropy(x @ W.T, t[:-1])
+
+
 def test_opcheck_linear_ops():
     x, W, b, t = _problem("cpu", N=9)
     scale = torch.ones((), dtype=torch.float64)

@@ -155,7 +155,7 @@ def vocab_parallel_cross_entropy(input, target, weight, reduction, opts, inplace
     x3 = input.reshape(outer, C_l, inner)
     if prob:
         t = target.to(input.dtype).reshape(outer, C_l, inner)
-        opts = opts._replace(ignore_index=-100)
+        opts = opts.without_ignore_index()
     else:
         t = (target.to(torch.int64) if target.dtype == torch.uint8 else target)
         t = t.reshape(outer, inner)

@@ -268,7 +268,7 @@ def linear_over_plan(x_local, lin_w, lin_b, target, weight, args: HeadArgs, plan
     t = target if batched else target.unsqueeze(0)
     if prob:
         t = t.to(x_local.dtype)
-        opts = opts._replace(ignore_index=-100)
+        opts = opts.without_ignore_index()
     elif t.dtype == torch.uint8:
         t = t.to(torch.int64)
     w = weight.to(acc_dtype(x_local.dtype)) if weight is not None else None

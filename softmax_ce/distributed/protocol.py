@@ -212,10 +212,13 @@ class Exchange:
 
     def _agree(self, header: Header, nbytes: int, error: Optional[BaseException]) -> None:
         size = self.agreed.body_bytes if self.agreed is not None else 0
-        dummy = torch.zeros(size, dtype=torch.uint8, device=self.device)
-        head = _as_bytes(torch.tensor(list(header), dtype=torch.float64).to(self.device))
-        out = self._all_gather(torch.cat([head, dummy]))
-        heads = self._read_headers(out)
+        # plain tensors even inside a torch.func transform (whose refusal still exchanges a
+        # header): torch 2.8 wraps the gathered bytes, which then have no storage to read
+        with torch._C._DisableFuncTorch():
+            dummy = torch.zeros(size, dtype=torch.uint8, device=self.device)
+            head = _as_bytes(torch.tensor(list(header), dtype=torch.float64).to(self.device))
+            out = self._all_gather(torch.cat([head, dummy]))
+            heads = self._read_headers(out)
         check_headers(heads, self.plan, self.fn, error)
         everyone = tuple(tuple(h[:CONSTANT_SIZE]) for h in heads)
         _AGREED[self.key] = self.agreed = Agreement(
