@@ -26,29 +26,35 @@ except ImportError:
 from softmax_ce.integrations import transformers as sce_hf  # noqa: E402
 
 V = 101
-KINDS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2"]
+KINDS = sorted(sce_hf.SUPPORTED_MODEL_TYPES)
+MOE = {kind for kind, spec in sce_hf.SUPPORTED_MODEL_TYPES.items() if spec.router_aux_loss}
+_EXPERTS = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)
+_EXTRA = {  # what a kind needs beyond the common tiny config, or what makes its head show
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gemma2": dict(head_dim=8, final_logit_softcapping=2.0),
+    "gemma3_text": dict(head_dim=8, final_logit_softcapping=2.0),
+    "cohere": dict(logit_scale=0.5), "cohere2": dict(logit_scale=0.5),
+    "granite": dict(logits_scaling=2.0),
+    "granitemoe": dict(logits_scaling=2.0, num_local_experts=4, **_EXPERTS),
+    "mixtral": dict(num_local_experts=4, **_EXPERTS),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=16, **_EXPERTS),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=16, **_EXPERTS),
+}
 
 
 def tiny(kind, vocab=V, dtype=torch.float64):
-    """A 2-layer model of the kind with random weights, no dropout."""
+    """A 2-layer model of the kind with random weights, no dropout (mixtures of experts in
+    float32: their grouped GEMMs take no float64)."""
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if kind == "gpt2":
-        config = T.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                              bos_token_id=0, eos_token_id=0)
-        model = T.GPT2LMHeadModel(config)
-    elif kind == "gemma2":  # a small final soft-cap, so that it shows in the loss
-        model = T.Gemma2ForCausalLM(T.Gemma2Config(head_dim=8, final_logit_softcapping=2.0,
-                                                   **common))
-    else:
-        config_cls, model_cls = {
-            "llama": (T.LlamaConfig, T.LlamaForCausalLM),
-            "mistral": (T.MistralConfig, T.MistralForCausalLM),
-            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
-            "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM)}[kind]
-        model = model_cls(config_cls(**common))
-    return model.to(dtype).train()
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = T.AutoConfig.for_model(kind, **{**common, **_EXTRA.get(kind, {})})
+    for name, value in vars(config).items():
+        if ("drop" in name or name.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    model = T.AutoModelForCausalLM.from_config(config)
+    return model.to(torch.float32 if kind in MOE else dtype).train()
 
 
 def batch(seed=0, shape=(3, 17)):
@@ -90,14 +96,19 @@ def test_loss_and_gradients_equal_the_unpatched_model(kind):
     assert out_fused.logits is None  # training with labels: no logits
     assert type(out_fused) is type(out_plain)
     # transformers computes the loss on float32 logits: equal to float32 rounding
-    torch.testing.assert_close(out_fused.loss.float(), out_plain.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out_fused.loss.float(), out_plain.loss.float(), rtol=1e-6, atol=0)
+    if kind in MOE:  # the router's load-balancing loss, as the model adds it
+        assert out_fused.aux_loss is not None
+        torch.testing.assert_close(out_fused.aux_loss, out_plain.aux_loss)
     out_plain.loss.backward()
     out_fused.loss.backward()
     g_plain, g_fused = grads(plain), grads(fused)
     assert g_plain.keys() == g_fused.keys() and len(g_fused) > 0
+    tol = dict(rtol=1e-4, atol=1e-6) if kind in MOE else dict(rtol=1e-5, atol=1e-7)
     for name in g_plain:
-        torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-5, atol=1e-7,
-                                   msg=name)
+        torch.testing.assert_close(g_fused[name], g_plain[name], **tol, msg=name)
+    if kind in MOE:  # float32 models: the unpatched model is the oracle
+        return
 
     # against the float64 truth (the whole logits through torch): to float64 rounding
     truth_model = copy.deepcopy(plain)
@@ -108,6 +119,31 @@ def test_loss_and_gradients_equal_the_unpatched_model(kind):
     truth.backward()
     for name, g in grads(truth_model).items():
         torch.testing.assert_close(g_fused[name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["cohere", "granite"])
+def test_a_logit_scale_scales_the_heads_bias_too(kind):
+    """(f h) @ W.T + f b: the factor reaches the bias of a head that has one (the models' own
+    heads have none; a fine-tune may add it)."""
+    torch.manual_seed(0)
+    plain = tiny(kind)
+    old = plain.lm_head
+    plain.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True,
+                                    dtype=old.weight.dtype)
+    with torch.no_grad():
+        plain.lm_head.weight.copy_(old.weight)
+        plain.lm_head.bias.normal_()
+    fused = sce_hf.apply(copy.deepcopy(plain))
+    ids, labels = batch()
+    out_plain = plain(input_ids=ids, labels=labels)
+    out_fused = fused(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out_fused.loss.float(), out_plain.loss.float(), rtol=1e-6, atol=0)
+    out_plain.loss.backward()
+    out_fused.loss.backward()
+    g_plain, g_fused = grads(plain), grads(fused)
+    assert "lm_head.bias" in g_fused
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -171,6 +207,23 @@ def test_logits_when_asked():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="return_logits"):
         fused(input_ids=ids, labels=labels, return_logits="yes")
+
+
+def test_mixture_of_experts_tuple_and_router_switch():
+    """A mixture of experts: with return_dict=False the tuple is the model's own, the logits'
+    slot None (loss, aux_loss, None, ...); output_router_logits=False drops the aux loss as the
+    model does."""
+    plain, fused = pair("mixtral")
+    ids, labels = batch()
+    own = plain(input_ids=ids, labels=labels, return_dict=False)
+    out = fused(input_ids=ids, labels=labels, return_dict=False)
+    assert len(out) == len(own) and out[2] is None
+    torch.testing.assert_close(out[0], own[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[1], own[1])
+    own = plain(input_ids=ids, labels=labels, output_router_logits=False)
+    out = fused(input_ids=ids, labels=labels, output_router_logits=False)
+    assert out.aux_loss is None and own.aux_loss is None
+    torch.testing.assert_close(out.loss, own.loss, rtol=1e-6, atol=0)
 
 
 def test_positional_arguments_and_attention_mask():

@@ -15,9 +15,12 @@ loss is the model's own, computed the way ``transformers``' ``ForCausalLMLoss`` 
 shifted left by one (or ``shift_labels`` when given), ``ignore_index=-100``, a float32 loss
 (float64 for a float64 model),
 ``mean`` over the kept positions, or ``sum / num_items_in_batch`` when the caller (Hugging
-Face's ``Trainer`` under gradient accumulation) passes ``num_items_in_batch``; a model with a
-final logit soft-cap (Gemma 2) has it applied inside the fused loss. Under autocast the hidden
-states and the head's weight are cast to the autocast dtype, as autocast's ``F.linear`` would.
+Face's ``Trainer`` under gradient accumulation) passes ``num_items_in_batch``; a final logit
+soft-cap (Gemma 2 and 3) is applied inside the fused loss, a logit scale (Cohere) or divisor
+(Granite) scales the hidden states and the head's bias, and a mixture of experts adds its
+router's load-balancing loss when it outputs router logits, as its own forward does. Under
+autocast the hidden states and the head's weight are cast to the autocast dtype, as autocast's
+``F.linear`` would.
 
 The logits are returned when asked for: ``model(..., labels=labels, return_logits=True)``, the
 ``return_logits`` given to ``apply``, or, by default, whenever the model is in eval mode
@@ -29,7 +32,8 @@ and so needs ``return_logits=True``.
 Architectures: those whose ``config.model_type`` is in ``SUPPORTED_MODEL_TYPES``, each checked
 by the test suite against the unpatched model (loss and every parameter's gradient); any other
 raises ``NotImplementedError`` rather than risk a head that post-processes logits in a way the
-fused loss would not reproduce. Tested with transformers 5.24.
+fused loss would not reproduce. Tested with transformers 5.24 (``HeadSpec`` says what each type's
+head does).
 """
 
 from __future__ import annotations
@@ -48,17 +52,37 @@ from torch import nn
 from .._args import is_dtensor
 from .._linear_core import linear_cross_entropy_acc
 
-__all__ = ["apply", "remove", "is_applied", "check_head", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["apply", "remove", "is_applied", "check_head", "HeadSpec", "SUPPORTED_MODEL_TYPES"]
 
-# config.model_type -> how its head turns hidden states into logits beyond lm_head: the name of
-# the config field holding a final tanh soft-cap, or None
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """What a causal LM does between ``lm_head`` and its loss, beyond ``logits = lm_head(h)``:
+    the config fields of a final tanh soft-cap, of a factor multiplying the logits, of a divisor
+    of them, and whether the loss adds a mixture-of-experts router's load-balancing loss
+    (``router_aux_loss_coef * load_balancing_loss_func(router_logits, num_experts,
+    num_experts_per_tok, attention_mask)`` when router logits are output)."""
+
+    softcap: Optional[str] = None
+    scale: Optional[str] = None
+    divisor: Optional[str] = None
+    router_aux_loss: bool = False
+
+
+_PLAIN, _MOE = HeadSpec(), HeadSpec(router_aux_loss=True)
+_SOFTCAP = HeadSpec(softcap="final_logit_softcapping")
+
+# config.model_type -> its head: each checked by tests/test_transformers.py against the model's
+# own forward (loss and every parameter's gradient) on a tiny random config
 SUPPORTED_MODEL_TYPES = {
-    "llama": None,
-    "mistral": None,
-    "qwen2": None,
-    "qwen3": None,
-    "gpt2": None,
-    "gemma2": "final_logit_softcapping",
+    "apertus": _PLAIN, "arcee": _PLAIN, "cohere": HeadSpec(scale="logit_scale"),
+    "cohere2": HeadSpec(scale="logit_scale"), "exaone4": _PLAIN, "gemma": _PLAIN,
+    "gemma2": _SOFTCAP, "gemma3_text": _SOFTCAP, "glm4": _PLAIN, "gpt2": _PLAIN,
+    "gpt_neox": _PLAIN, "granite": HeadSpec(divisor="logits_scaling"),
+    "granitemoe": HeadSpec(divisor="logits_scaling", router_aux_loss=True), "llama": _PLAIN,
+    "mistral": _PLAIN, "mixtral": _MOE, "olmo": _PLAIN, "olmo2": _PLAIN, "olmo3": _PLAIN,
+    "phi": _PLAIN, "phi3": _PLAIN, "qwen2": _PLAIN, "qwen2_moe": _MOE, "qwen3": _PLAIN,
+    "qwen3_moe": _MOE, "seed_oss": _PLAIN, "smollm3": _PLAIN, "stablelm": _PLAIN,
+    "starcoder2": _PLAIN,
 }
 
 _ATTR = "_softmax_ce_fused_loss"  # the settings, on a patched model
@@ -145,12 +169,27 @@ def _forward(model, settings, signature, args, kwargs):
     shift_labels = call.pop("shift_labels", None)
     ignore_index = call.pop("ignore_index", -100)
     return_dict = call.pop("return_dict", None)
+    spec = SUPPORTED_MODEL_TYPES[model.config.model_type]
+    router = False
+    if spec.router_aux_loss:  # the model's own rule: the argument, else its config
+        router = call.get("output_router_logits")
+        if router is None:
+            router = bool(getattr(model.config, "output_router_logits", False))
+        call["output_router_logits"] = router
     out = model.base_model(**call)
     hidden = out[0]
     if shift_labels is None:  # tokens < n predict n; the last position predicts nothing
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    loss = _fused_loss(model, hidden, shift_labels, num_items, ignore_index, settings.chunk_size)
-    return _output(model, out, loss, return_dict)
+    loss = _fused_loss(model, spec, hidden, shift_labels, num_items, ignore_index,
+                       settings.chunk_size)
+    aux_loss = None
+    if router:  # the model's load-balancing loss, as its forward adds it
+        module = sys.modules[type(model).__module__]
+        aux_loss = module.load_balancing_loss_func(out.router_logits, model.num_experts,
+                                                   model.num_experts_per_tok,
+                                                   call.get("attention_mask"))
+        loss = loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
+    return _output(model, out, loss, return_dict, aux_loss)
 
 
 def _arguments(signature, args, kwargs) -> dict:
@@ -169,13 +208,17 @@ def _arguments(signature, args, kwargs) -> dict:
     return call
 
 
-def _fused_loss(model, hidden, shift_labels, num_items, ignore_index, chunk_size):
+def _fused_loss(model, spec: HeadSpec, hidden, shift_labels, num_items, ignore_index,
+                chunk_size):
     head = model.get_output_embeddings()
     check_head(head)
-    cap_field = SUPPORTED_MODEL_TYPES[model.config.model_type]
-    softcap = getattr(model.config, cap_field, None) if cap_field else None
+    softcap = getattr(model.config, spec.softcap, None) if spec.softcap else None
+    scale = getattr(model.config, spec.scale, None) if spec.scale else None
+    divisor = getattr(model.config, spec.divisor, None) if spec.divisor else None
+    factor = (1.0 if scale is None else float(scale)) / (1.0 if divisor is None else float(divisor))
     reduction = "mean" if num_items is None else "sum"
-    loss = _head_method(head)(hidden, shift_labels, reduction, ignore_index, softcap, chunk_size)
+    loss = _head_method(head)(hidden, shift_labels, reduction, ignore_index, softcap, chunk_size,
+                              factor)
     # transformers computes the loss on float32 logits; float64 models keep their precision
     loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
     if num_items is not None:
@@ -220,10 +263,15 @@ def _head_method(head):
     return getattr(head, _METHOD)
 
 
-def _head_loss(head, hidden, labels, reduction, ignore_index, softcap, chunk_size):
-    """The loss of ``head(hidden)`` against ``labels`` (every position), the logits never whole;
-    in the accumulation dtype. Reads the head's parameters, so it runs as the head's call."""
+def _head_loss(head, hidden, labels, reduction, ignore_index, softcap, chunk_size, factor=1.0):
+    """The loss of ``head(hidden) * factor`` against ``labels`` (every position), the logits never
+    whole; in the accumulation dtype. Reads the head's parameters, so it runs as the head's call.
+    A factor (Cohere's logit scale, one over Granite's divisor) scales the hidden states and the
+    bias instead of the logits: (f h) @ W.T + f b = f (h @ W.T + b), an N x H product, not N x C."""
     lin_w, lin_b = head.weight, head.bias
+    if factor != 1.0:
+        hidden = hidden * factor
+        lin_b = lin_b * factor if lin_b is not None else None
     device = hidden.device.type
     if torch.is_autocast_enabled(device):  # what autocast's F.linear would compute in
         dtype = torch.get_autocast_dtype(device)
@@ -250,19 +298,28 @@ def _head_loss(head, hidden, labels, reduction, ignore_index, softcap, chunk_siz
                                         softcap=softcap, chunk_size=chunk_size)
 
 
-def _output(model, base_out, loss, return_dict):
-    """The model's output type (a ``CausalLMOutput...``) with the loss, no logits, and the
-    decoder's other outputs (cache, hidden states, attentions); as a tuple, the logits' slot is
-    kept (None), so every later output sits at the index the model's own tuple gives it."""
+def _output(model, base_out, loss, return_dict, aux_loss=None):
+    """The model's output type (a ``CausalLMOutput...``, ``MoeCausalLMOutputWithPast`` for a
+    mixture of experts) with the loss, no logits, and the decoder's other outputs (cache, hidden
+    states, attentions, router logits); as a tuple, the logits' slot is kept (None), so every
+    later output sits at the index the model's own tuple gives it."""
     from transformers import modeling_outputs as mo
 
     if isinstance(base_out, tuple):  # a model configured to return tuples
-        return (loss, None) + tuple(base_out[1:])
+        rest = tuple(base_out[1:])
+        return (loss, aux_loss, None) + rest if aux_loss is not None else (loss, None) + rest
     fields = {k: v for k, v in base_out.items() if k != "last_hidden_state"}
-    cls = mo.CausalLMOutputWithCrossAttentions if "CrossAttentions" in type(base_out).__name__ \
-        else mo.CausalLMOutputWithPast
+    name = type(base_out).__name__
+    if name.startswith("Moe"):
+        cls = mo.MoeCausalLMOutputWithPast
+        fields["aux_loss"] = aux_loss
+    elif "CrossAttentions" in name:
+        cls = mo.CausalLMOutputWithCrossAttentions
+    else:
+        cls = mo.CausalLMOutputWithPast
     names = {f.name for f in dataclasses.fields(cls)}
     out = cls(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in names})
-    if return_dict is False:
-        return (loss, None) + out.to_tuple()[1:]
+    if return_dict is False:  # the model's to_tuple() drops None fields: all but the logits'
+        return tuple(getattr(out, f.name) for f in dataclasses.fields(cls)
+                     if f.name == "logits" or getattr(out, f.name) is not None)
     return out
