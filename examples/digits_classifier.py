@@ -25,7 +25,11 @@ import softmax_ce
 
 
 def load_digits_split(seed: int = 0):
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("examples/digits_classifier.py reads scikit-learn's bundled digits data: "
+                         "pip install scikit-learn (or softmax_ce's [examples] extra)") from None
 
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with what softmax_ce needs (torch 2.13.0 CPU build, numpy, pytest, hypothesis,
-# ninja; scikit-learn, transformers and peft for the tests of the examples and the integration),
+# ninja; scikit-learn, transformers and peft for the tests of the examples and the integration;
+# matplotlib for the figures command and its test),
 # builds the extension into the source tree and installs the package in editable mode.
 #
 # Idempotent and incremental: a second run with nothing changed takes seconds. The build is
@@ -27,12 +28,15 @@ for name, version in need.items():
     have = m.version(name)
     if version and have.split("+")[0] != version:
         raise SystemExit(1)
+if int(m.version("setuptools").split(".")[0]) < 77:  # pyproject's SPDX license needs 77
+    raise SystemExit(1)
+import matplotlib  # noqa: F401  (the figures command)
 EOF
 then
-  say "installing torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja scikit-learn" \
-    "transformers==5.24.0 peft==0.21.2"
-  "$VENV/bin/pip" install -q torch==2.13.0 numpy pytest hypothesis setuptools wheel ninja \
-    scikit-learn transformers==5.24.0 peft==0.21.2
+  say "installing torch==2.13.0 numpy pytest hypothesis setuptools>=77 wheel ninja" \
+    "scikit-learn matplotlib transformers==5.24.0 peft==0.21.2"
+  "$VENV/bin/pip" install -q torch==2.13.0 numpy pytest hypothesis "setuptools>=77" wheel ninja \
+    scikit-learn matplotlib transformers==5.24.0 peft==0.21.2
 fi
 
 stamp_file=build/softmax_ce.stamp

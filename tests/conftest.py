@@ -76,3 +76,22 @@ def cpu_impl(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hide_package(monkeypatch):
+    """hide_package("matplotlib"): importing that package (or anything in it) raises ImportError
+    for the rest of the test, as where it is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def hide(package):
+        def guarded_import(name, *args, **kwargs):
+            if name.split(".")[0] == package:
+                raise ImportError(f"No module named '{package}'")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", guarded_import)
+
+    return hide

@@ -25,6 +25,12 @@ def test_digits_classifier_short():
         assert result[key] <= 8.0, (key, result[key])
 
 
+def test_digits_classifier_without_scikit_learn_says_how_to_install_it(hide_package):
+    hide_package("sklearn")
+    with pytest.raises(SystemExit, match="pip install scikit-learn"):
+        _load("digits_classifier").main(["--short"])
+
+
 def test_tiny_lm_short():
     results = _load("tiny_lm").main(["--short"])
     fused = results["fused linear cross-entropy"]

@@ -32,6 +32,15 @@ def test_ce_gradient_stays_where_mse_vanishes():
     assert (g["grad_ce"][wrong] < -0.999).all() and (g["grad_mse"][wrong].abs() < 1e-3).all()
 
 
+def test_figures_without_matplotlib_say_how_to_install_it(tmp_path, hide_package):
+    from softmax_ce.__main__ import main
+
+    hide_package("matplotlib")
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        main(["figures", "--out", str(tmp_path)])
+    assert os.listdir(tmp_path) == []
+
+
 def test_figures_command_writes_pngs(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional [plot] extra")
     from softmax_ce.__main__ import main
