@@ -14,20 +14,64 @@ import os
 
 __version__ = "0.1.0"
 
+
+def _installed_from() -> str:
+    """What pip installed this package from (a local checkout or archive: its direct_url.json,
+    PEP 610), else its name."""
+    import importlib.metadata
+    import json
+
+    try:
+        url = json.loads(importlib.metadata.distribution("softmax-ce").read_text(
+            "direct_url.json") or "{}").get("url", "")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        url = ""
+    return url[len("file://"):] if url.startswith("file://") else url or "softmax-ce"
+
+
+def _load_extension():
+    """(the _C module or None, why it is missing, the command that builds it, whether to warn)."""
+    import glob
+    import importlib.util
+
+    if os.environ.get("SOFTMAX_CE_DISABLE_EXTENSION", "0") not in ("", "0"):
+        return None, "disabled by SOFTMAX_CE_DISABLE_EXTENSION", None, False
+    import torch  # libtorch must be loaded before the extension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.dirname(here)
+    if os.path.exists(os.path.join(source, "setup.py")):  # a source checkout (editable)
+        fix = f"pip install --no-build-isolation -e {source}"
+    else:  # reinstalled from where it came from (pip records it), never from pip's wheel cache
+        fix = ("pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps "
+               f"{_installed_from()}")
+    built = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here,
+                                                                                  "_C*.pyd")))
+    if not built:
+        on_purpose = importlib.util.find_spec("softmax_ce._no_extension") is not None
+        why = ("not built: installed with SOFTMAX_CE_SKIP_EXTENSION=1" if on_purpose else
+               "not built: this install has no compiled kernels (built where torch was not "
+               "importable, e.g. pip's isolated build, or not built yet)")
+        return None, why, fix, not on_purpose
+    try:
+        from . import _C as module
+
+        return module, None, None, False
+    except ImportError as error:
+        why = (f"{os.path.basename(built[0])} does not load with torch {torch.__version__} "
+               f"(built against another torch?): {error}")
+        return None, why, fix, True
+
+
 # The extension must load before the Python op definitions refer to its kernels' namespace; it
 # registers CPU/CUDA kernels only (TORCH_LIBRARY_IMPL), the schemas live in ops.py.
-extension_error = None
-if os.environ.get("SOFTMAX_CE_DISABLE_EXTENSION", "0") not in ("", "0"):
-    _C = None
-    extension_error = "disabled by SOFTMAX_CE_DISABLE_EXTENSION"
-else:
-    try:
-        import torch  # noqa: F401  (libtorch must be loaded before the extension)
+_C, extension_error, extension_fix, _warn = _load_extension()
+if _warn:
+    import warnings
 
-        from . import _C
-    except ImportError as error:  # not built: the reference serves every device
-        _C = None
-        extension_error = str(error)
+    warnings.warn(f"softmax_ce: the compiled kernels are missing ({extension_error}); every op "
+                  "runs the pure-PyTorch reference (the same results, slower). Build them "
+                  f"against this torch with: {extension_fix}", RuntimeWarning, stacklevel=2)
 
 from . import nn, ops  # noqa: E402
 from .autograd import (  # noqa: E402
@@ -80,8 +124,10 @@ def build_info() -> dict:
     """What the extension was built with and which implementation serves each device."""
     info = {
         "version": __version__,
+        "torch": __import__("torch").__version__,
         "extension": _C is not None,
         "extension_error": extension_error,
+        "extension_fix": extension_fix,
         "cpu": implementation("cpu"),
         "cuda": implementation("cuda"),
     }

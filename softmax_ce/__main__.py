@@ -28,12 +28,15 @@ def _info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"softmax_ce {info['version']}")
+    print(f"softmax_ce {info['version']} (torch {info['torch']})")
     if info["extension"]:
         print(f"  extension: built (CPU kernels: {info['cpu_isa']} variant; CUDA kernels: "
               f"{'built' if info['cuda_compiled'] else 'not built'})")
     else:
-        print(f"  extension: not loaded ({info['extension_error']}); the reference serves")
+        print(f"  extension: not loaded ({info['extension_error']}); the pure-PyTorch reference "
+              "serves every op")
+        if info["extension_fix"]:
+            print(f"  to build the kernels against this torch: {info['extension_fix']}")
     print(f"  cpu:  {info['cpu']}")
     print(f"  cuda: {info['cuda']}")
     return 0
