@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import ops
 from .fixed_sum import fixed_order_sum
+from .reference import acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
@@ -178,6 +179,22 @@ def mean_denominator(t2: Tensor, w: Optional[Tensor], ignore_index: int, C: int,
     return fixed_order_sum(torch.where(valid, picked, zero))
 
 
+def check_same_dtype(input: Tensor, named, fn: str) -> None:
+    """Each ``(name, tensor or None)`` of ``named`` has the dtype of ``input``."""
+    for name, t in named:
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"{fn}: expected '{name}' to have the dtype of 'input' "
+                               f"({input.dtype}), got {t.dtype}")
+
+
+def reduction_scale(reduction: str, denom: Optional[Tensor], device) -> Tensor:
+    """d(reduced loss)/d(sum of the losses), float64 0-dim: 1 / ``denom`` for ``mean`` (a
+    tensor: no host synchronisation), 1 for ``sum`` (``denom`` None)."""
+    if reduction == "mean":
+        return 1.0 / denom.double()
+    return torch.ones((), dtype=torch.float64, device=device)
+
+
 def check_token_weight(token_weight: Optional[Tensor], positions, input: Tensor,
                        fn: str) -> Optional[Tensor]:
     """A float tensor with one factor per position (``positions``: their shape), on the input's
@@ -193,8 +210,7 @@ def check_token_weight(token_weight: Optional[Tensor], positions, input: Tensor,
                            f"shape {list(positions)}, got {list(token_weight.shape)}")
     check_device(token_weight, "token_weight", input, fn)
     check_no_grad(token_weight, "token_weight", fn)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    return token_weight.to(acc)
+    return token_weight.to(acc_dtype(input.dtype))
 
 
 _DTYPE_NAMES = {

@@ -356,10 +356,8 @@ def check_shapes(input, linear_weight, linear_bias, fn):
             f"{fn}: K-dimensional loss defined by linear_weight shape "
             f"{tuple(linear_weight.shape)} requires batched input, (N, {input.shape[-1]}), got "
             f"unbatched input with shape {tuple(input.shape)}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise RuntimeError(f"{fn}: expected '{name}' to have the dtype of 'input' "
-                               f"({input.dtype}), got {t.dtype}")
+    A.check_same_dtype(input, (("linear_weight", linear_weight), ("linear_bias", linear_bias)),
+                       fn)
     return out_features
 
 

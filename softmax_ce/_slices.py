@@ -41,7 +41,7 @@ from . import reference
 from .reference import acc_dtype
 
 __all__ = ["Column", "Combined", "index_payload", "prob_payload", "combine", "slice_grad",
-           "weight_slice"]
+           "weight_slice", "ownership", "row_lse", "finish_rows"]
 
 # ``plan`` below: anything with ``offset`` / ``size`` (this slice's classes), ``classes`` (the
 # global C) and ``rank``: distributed.protocol.Plan for a rank's slice, or _vocab_chunks' slices
@@ -91,7 +91,7 @@ def _slice_stats(xa: Tensor):
     return ref, torch.where(poison, torch.full_like(lse_r, math.nan), lse_r)
 
 
-def _ownership(t: Tensor, ignore_index: int, plan: Plan):
+def ownership(t: Tensor, ignore_index: int, plan: Plan):
     """(valid, owned, local): positions not ignored, those whose target class lies in this rank's
     slice, and that class's index within the slice (0 elsewhere)."""
     lo, C_l = plan.offset, plan.size
@@ -117,7 +117,7 @@ def index_payload(xa, t, w_slice, opts: A.CeOptions, plan: Plan):
     coefficient (0 * inf)."""
     C_l, eps, C = plan.size, opts.label_smoothing, plan.classes
     ref, lse_r = _slice_stats(xa)
-    valid, owned, local = _ownership(t, opts.ignore_index, plan)
+    valid, owned, local = ownership(t, opts.ignore_index, plan)
     zero = torch.zeros_like(lse_r)
     w_y = _target_weight(w_slice, local, xa).double()
     true_w = torch.where(owned, (1 - eps) * w_y, zero)  # (1 - eps) w_y on the owner, else 0
@@ -158,20 +158,30 @@ def prob_payload(xa, t3, w_slice, opts: A.CeOptions, plan: Plan):
 def combine(data: Tensor, valid: Optional[Tensor], opts: A.CeOptions, plan: Plan) -> Combined:
     """The gathered payloads ``[world, positions, Column.COUNT]`` combined in rank order;
     ``valid``: the kept positions (class indices) or None (probabilities)."""
-    lse = torch.logsumexp(data[..., Column.LSE], dim=0)
-    lse = torch.where(lse == -math.inf, torch.full_like(lse, math.nan), lse)  # as log_softmax
+    lse = row_lse(torch.logsumexp(data[..., Column.LSE], dim=0))
     loss = torch.zeros_like(lse)
     for r in range(data.shape[0]):  # in rank order: the same bits on every rank
         loss = loss + (data[r, :, Column.MASS] * (lse - data[r, :, Column.REF])
                        + data[r, :, Column.GAP])
+    mass = data[:, :, Column.MASS].sum(dim=0)
+    loss, coef = finish_rows(loss, lse, mass, None if valid is None else valid.reshape(-1), opts)
+    return Combined(loss, lse, coef, data[plan.rank, :, Column.REF])
+
+
+def row_lse(lse: Tensor) -> Tensor:
+    """The rows' combined log-sum-exp, NaN where every logit is -inf (as log_softmax)."""
+    return torch.where(lse == -math.inf, torch.full_like(lse, math.nan), lse)
+
+
+def finish_rows(loss: Tensor, lse: Tensor, mass: Tensor, valid: Optional[Tensor],
+                opts: A.CeOptions):
+    """(loss, coef) per row from the combined cross-entropy terms: the z-loss added, ignored
+    rows (``valid`` False) zero, and the gradient's row coefficient."""
     if opts.z_loss > 0:
         loss = loss + opts.z_loss * lse * lse
-    mass = data[:, :, Column.MASS].sum(dim=0)
     if valid is not None:
-        valid = valid.reshape(-1)
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-    coef = reference.row_coefficient(mass, opts.z_loss, lse, valid)
-    return Combined(loss, lse, coef, data[plan.rank, :, Column.REF])
+    return loss, reference.row_coefficient(mass, opts.z_loss, lse, valid)
 
 
 def slice_grad(x3, t, w_slice, comb: Combined, g, opts: A.CeOptions, plan: Plan, prob: bool,
@@ -196,7 +206,7 @@ def slice_grad(x3, t, w_slice, comb: Combined, g, opts: A.CeOptions, plan: Plan,
         b = reference.smoothed_target(t, w_slice, eps, C)
         grad = reference.prob_gradient(p, gg, coef, b, inplace=True)
     else:
-        valid, owned, local = _ownership(t, opts.ignore_index, plan)
+        valid, owned, local = ownership(t, opts.ignore_index, plan)
         w_y = _target_weight(w_slice, local, p)
         grad = reference.index_gradient(p, gg, coef, valid, local, owned, w_y, w_slice, eps, C,
                                         inplace=True)

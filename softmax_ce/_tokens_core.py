@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _args as A
 from . import reference
-from ._chunks import GradSums, Needs, chunk_logits, default_chunk_size
+from ._chunks import ChunkSpec, GradSums, Needs, chunk_logits, default_chunk_size
 from .autograd import input_grads
 from .reference import acc_dtype
 
@@ -82,8 +82,7 @@ def token_backward(x, lin_w, lin_b, target, lse64, H, topk_index, upstream, opts
             else x.new_empty((0,))
         sums = None
     else:
-        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-        sums = GradSums(x, lin_w, lin_b, needs, acc)
+        sums = GradSums(x, lin_w, lin_b, needs, ChunkSpec(rows, acc_fp32=True).acc(x.dtype))
     for i, j, z in _chunks(x, lin_w, lin_b, rows):
         t = target[i:j]
         valid = t != opts.ignore_index
@@ -254,8 +253,6 @@ def check_linear_args(input, weight, bias, fn) -> None:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise RuntimeError(f"{fn}: expected bias of shape ({weight.shape[0]},), got "
                            f"{list(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise RuntimeError(f"{fn}: expected '{name}' to have the dtype of 'input' "
-                               f"({input.dtype}), got {t.dtype}")
-        A.check_device(t, name, input, fn)
+    A.check_same_dtype(input, (("weight", weight), ("bias", bias)), fn)
+    A.check_device(weight, "weight", input, fn)
+    A.check_device(bias, "bias", input, fn)

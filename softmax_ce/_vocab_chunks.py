@@ -20,10 +20,11 @@ from torch import Tensor
 
 from . import _args as A
 from ._chunks import Needs, chunk_logits
-from ._slices import Column, Combined, index_payload, prob_payload, slice_grad, weight_slice
+from ._slices import (Column, Combined, finish_rows, index_payload, prob_payload, row_lse,
+                      slice_grad, weight_slice)
 from .autograd import input_grads
 from .fixed_sum import fixed_order_sum
-from .reference import acc_dtype, capped, row_coefficient
+from .reference import acc_dtype, capped
 
 __all__ = ["vocab_chunked"]
 
@@ -69,14 +70,10 @@ def _statistics(x, W, b, t, w, opts: A.CeOptions, rows: int, vocab_rows: int, pr
         value = int(t[bad][0])
         raise IndexError(f"Target {value} is out of bounds: argument 'target' must hold class "
                          f"indices in [0, {C}) or ignore_index ({opts.ignore_index}).")
-    lse = torch.where(lse == -math.inf, torch.full_like(lse, math.nan), lse)
-    loss = mass * lse + rest
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse * lse
-    valid = None if prob else t != opts.ignore_index
-    if valid is not None:
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return loss, lse, row_coefficient(mass, opts.z_loss, lse, valid)
+    lse = row_lse(lse)
+    loss, coef = finish_rows(mass * lse + rest, lse, mass, None if prob else t != opts.ignore_index,
+                             opts)
+    return loss, lse, coef
 
 
 def _gradients(x, W, b, t, w, opts, rows, vocab_rows, prob, lse, coef, g, needs: Needs, acc):
@@ -138,8 +135,7 @@ class _VocabChunked(torch.autograd.Function):
             ctx.save_for_backward(x, W, b, t, w, tw, lse, coef)
             rows = loss.to(out_dtype)
             return rows if tw is None else rows * tw
-        scale = 1.0 / denom.double() if call.reduction == "mean" else torch.ones(
-            (), dtype=torch.float64, device=x.device)
+        scale = A.reduction_scale(call.reduction, denom, x.device)
         g = scale.expand(loss.shape) if tw is None else scale * tw.double()
         ctx.grads = _gradients(x, W, b, t, w, call.opts, call.rows, call.vocab_rows, call.prob,
                                lse, coef, g, needs, call.acc)

@@ -73,8 +73,7 @@ class _VocabParallelReduced(torch.autograd.Function):
         with torch.no_grad():
             comb = _forward(x3, t, w, call)
             total = fixed_order_sum(comb.loss.reshape(-1))
-            scale = (1.0 / denom.double() if call.reduction == "mean"
-                     else torch.ones((), dtype=torch.float64, device=x3.device))
+            scale = A.reduction_scale(call.reduction, denom, x3.device)
             comb = comb._replace(loss=None)
             ctx.call, ctx.comb, ctx.scale = call, comb, scale
             keep_logits = call.inplace or ctx.needs_input_grad[1]

@@ -154,8 +154,7 @@ class _LinearVocabParallel(torch.autograd.Function):
                 ctx.save_for_backward(x, lin_w, lin_b, t, w, comb.lse, comb.coef, comb.ref)
                 return comb.loss.to(acc_dtype(x.dtype))
             total = fixed_order_sum(comb.loss)
-            scale = (1.0 / denom.double() if head.reduction == "mean"
-                     else torch.ones((), dtype=torch.float64, device=x.device))
+            scale = A.reduction_scale(head.reduction, denom, x.device)
             ctx.grads = _grads(x, lin_w, lin_b, t, w, comb, scale.expand(comb.lse.shape), head,
                                want_target)
         return (total * scale).to(acc_dtype(x.dtype))

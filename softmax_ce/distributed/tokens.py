@@ -27,6 +27,7 @@ from .. import _args as A
 from .. import reference
 from .._chunks import Needs, chunk_logits
 from .._linear_core import chunk_option
+from .._slices import ownership, row_lse
 from .._tokens_core import (TokenOptions, check_linear_args, check_token_target,
                             token_chunk_size, token_options)
 from ..autograd import input_grads
@@ -56,13 +57,6 @@ class _Call(NamedTuple):
     exchange: P.Exchange
 
 
-def _ownership(t, opts: TokenOptions, plan: P.Plan):
-    lo, n = plan.offset, plan.size
-    valid = t != opts.ignore_index
-    owned = valid & (t >= lo) & (t < lo + n)
-    return valid, owned, torch.where(owned, t - lo, torch.zeros_like(t)).long()
-
-
 def _slice_rows(z, t, opts: TokenOptions, plan: P.Plan):
     """The payload ``[n, Column.COUNT]`` of this rank's logits ``z`` ``[n, C_l]``, its top-k
     (values of s and global classes ``[n, k]``, -inf / -1 where the slice has fewer than k), and
@@ -86,7 +80,7 @@ def _slice_rows(z, t, opts: TokenOptions, plan: P.Plan):
         argmax = torch.full((n,), -1.0, **f64)
         lse_r = torch.full((n,), -math.inf, **f64)
         H_r = torch.zeros((n,), **f64)
-    valid, owned, local = _ownership(t, opts, plan)
+    valid, owned, local = ownership(t, opts.ignore_index, plan)
     s_y = s.gather(1, local.unsqueeze(1)).squeeze(1).double() if C_l else torch.zeros((n,), **f64)
     s_y = torch.where(owned, s_y, torch.zeros_like(s_y))
     payload = torch.stack([lse_r, raw.double(), argmax, H_r, s_y], dim=1)
@@ -106,8 +100,7 @@ def _slice_rows(z, t, opts: TokenOptions, plan: P.Plan):
 def _combine(data, top, t, opts: TokenOptions, out_dtype):
     """The gathered statistics ``[world, N, COUNT]`` (and top-k ``[world, N, k, 2]``) combined,
     in the same order on every rank: the six outputs and the float64 lse."""
-    lse = torch.logsumexp(data[..., Column.LSE], dim=0)
-    lse = torch.where(lse == -math.inf, torch.full_like(lse, math.nan), lse)
+    lse = row_lse(torch.logsumexp(data[..., Column.LSE], dim=0))
     w = torch.exp(data[..., Column.LSE] - lse)
     terms = w * (data[..., Column.ENTROPY] + lse - data[..., Column.LSE])
     H = torch.where(w > 0, terms, torch.zeros_like(terms)).sum(0)
@@ -170,7 +163,7 @@ class _ShardedTokens(torch.autograd.Function):
         gb = torch.zeros(plan.size, dtype=acc, device=x.device) if needs.bias else None
         lin_w_acc = lin_w.to(acc) if gx is not None else None
         for s, e, z in chunk_logits(x, lin_w, lin_b, call.chunk):
-            valid, owned, local = _ownership(t[s:e], opts, plan)
+            valid, owned, local = ownership(t[s:e], opts.ignore_index, plan)
             k_idx = k_owned = None
             if g_k is not None:
                 k_owned = (idx[s:e] >= plan.offset) & (idx[s:e] < plan.offset + plan.size)
