@@ -3,16 +3,22 @@
 # extension compiled against it. A clean copy of this repository's HEAD in DIR (default: a new
 # temporary folder), a virtualenv with torch==VERSION (pip's cap on torch on the build machines
 # lifted), the test dependencies, `setup.py build_ext --inplace`, then the README's test command.
-# .ci/run calls it for both ends of the declared torch range (pyproject.toml).
+# .ci/run calls it for both ends of the declared torch range (pyproject.toml). A temporary folder
+# it made itself (a CUDA build of torch: about 7 GB) is removed when it exits, passed or failed.
 set -euo pipefail
 version=$1
-dir=${2:-$(mktemp -d)}
+if [ $# -ge 2 ]; then
+  dir=$2
+else
+  dir=$(mktemp -d)
+  trap 'rm -rf "$dir"' EXIT
+fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$dir"
 rm -rf "$dir/tree"
 git clone -q "$repo" "$dir/tree"
 [ -x "$dir/venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$dir/venv"
-PIP_CONSTRAINT=/dev/null "$dir/venv/bin/pip" install -q "torch==$version" numpy pytest hypothesis \
+PIP_CONSTRAINT=/dev/null "$dir/venv/bin/pip" install -q --no-cache-dir "torch==$version" numpy pytest hypothesis \
   "setuptools>=77" wheel ninja scikit-learn matplotlib transformers==5.24.0 peft==0.21.2
 cd "$dir/tree"
 echo "torch_version_suite: torch $("$dir/venv/bin/python" -c 'import torch; print(torch.__version__)')"
