@@ -90,6 +90,7 @@ def _non_differentiable(fn):
     reference must not record an autograd graph of its internal torch ops."""
 
     def kernel(*args):
+        _reference_notice(fn.__name__, args[0])
         with torch.no_grad():
             return fn(*args)
 
@@ -97,9 +98,44 @@ def _non_differentiable(fn):
     return kernel
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_noticed = set()  # the device types whose first reference call has been looked at
+
+
+def _has_compiled_kernel(name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"softmax_ce::{name}", key)
+
+
+def _reference_notice(name: str, tensor) -> None:
+    """Once per device type: a RuntimeWarning when the compiled extension is loaded but the
+    reference serves this device (a CUDA tensor with an extension built without the CUDA
+    kernels). Where the extension is missing, importing softmax_ce said so already; where it was
+    disabled (SOFTMAX_CE_DISABLE_EXTENSION=1), that was asked for."""
+    kind = tensor.device.type
+    if kind in _noticed:
+        return
+    _noticed.add(kind)
+    key = _DISPATCH_KEYS.get(kind)
+    if key is None or _extension_module() is None or _has_compiled_kernel(name, key):
+        return
+    import warnings
+
+    warnings.warn(
+        f"softmax_ce: the compiled extension has no kernels for {kind} tensors (built without "
+        f"them; `python -m softmax_ce info` says why): the pure-PyTorch reference serves them (the "
+        "same results, slower)", RuntimeWarning, stacklevel=2)
+
+
+def _extension_module():
+    import sys
+
+    return sys.modules.get(f"{__package__}._C")
+
+
+_REFERENCE_KERNELS = {name: _non_differentiable(getattr(reference, name)) for name in SCHEMAS}
 for _name, _schema in SCHEMAS.items():
     _lib.define(_schema)
-    _lib.impl(_name, _non_differentiable(getattr(reference, _name)), "CompositeExplicitAutograd")
+    _lib.impl(_name, _REFERENCE_KERNELS[_name], "CompositeExplicitAutograd")
 
 
 # The host fast path of the compiled CPU kernels: a whole mean / sum cross-entropy of [N, C] logits
@@ -352,17 +388,13 @@ def force_reference(enabled: bool = True):
         _forced[0] = previous
 
 
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
 def implementation(device="cpu", per_op: bool = False):
     """'compiled' when the extension registered a kernel of every op for this device type, else
     'reference'. With ``per_op=True``: a dict from each op's name to the one that serves it."""
     device_type = torch.device(device).type
     key = _DISPATCH_KEYS.get(device_type)
     served = {
-        name: "compiled" if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"softmax_ce::{name}", key) else "reference"
+        name: "compiled" if key is not None and _has_compiled_kernel(name, key) else "reference"
         for name in SCHEMAS
     }
     if per_op:

@@ -6,8 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
+
+import softmax_ce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,6 +124,34 @@ def test_disabled_on_purpose_is_quiet(tmp_path):
     run = _import(site, env_code)
     assert run.returncode == 0, run.stderr
     assert "RuntimeWarning" not in run.stderr and "SOFTMAX_CE_DISABLE_EXTENSION" in run.stdout
+
+
+def test_a_device_the_kernels_do_not_serve_is_told_once(monkeypatch):
+    """With the extension loaded but without kernels for a device type (a GPU, an extension built
+    without CUDA), the reference serves that device: its first call warns once, and the values
+    are the reference's. The dispatcher reaches the reference kernel only for such a device, so
+    the test calls that kernel as the dispatcher would, with the kernel lookup saying none."""
+    from softmax_ce import ops
+
+    assert ops._extension_module() is softmax_ce._C
+    if softmax_ce._C is None:
+        pytest.skip("the compiled extension is not loaded (SOFTMAX_CE_DISABLE_EXTENSION=1)")
+    monkeypatch.setattr(ops, "_noticed", set())
+    monkeypatch.setattr(ops, "_has_compiled_kernel", lambda name, key: False)
+    logits = torch.randn(5, 7, 1, dtype=torch.float64)
+    target = torch.randint(0, 7, (5, 1))
+    fwd = ops._REFERENCE_KERNELS["ce_fwd"]
+    with pytest.warns(RuntimeWarning, match="no kernels for cpu tensors.*softmax_ce info"):
+        loss, _ = fwd(logits, target, None, -100, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(loss[:, 0], torch.nn.functional.cross_entropy(
+        logits[..., 0], target[:, 0], reduction="none"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device type, whichever op
+        fwd(logits, target, None, -100, 0.0, 0.0, 0.0)
+        ops._REFERENCE_KERNELS["softmax_fwd"](logits, False)
+        monkeypatch.setattr(ops, "_noticed", set())
+        monkeypatch.setattr(ops, "_extension_module", lambda: None)  # missing: import told
+        fwd(logits, target, None, -100, 0.0, 0.0, 0.0)
 
 
 def _read(*path):
