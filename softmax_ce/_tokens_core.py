@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _args as A
 from . import reference
-from ._chunks import ChunkSpec, GradSums, Needs, chunk_logits, default_chunk_size
+from ._chunks import GradSums, Needs, chunk_logits, default_chunk_size
 from .autograd import input_grads
 from .reference import acc_dtype
 
@@ -82,7 +82,7 @@ def token_backward(x, lin_w, lin_b, target, lse64, H, topk_index, upstream, opts
             else x.new_empty((0,))
         sums = None
     else:
-        sums = GradSums(x, lin_w, lin_b, needs, ChunkSpec(rows, acc_fp32=True).acc(x.dtype))
+        sums = GradSums(x, lin_w, lin_b, needs, acc_dtype(x.dtype))
     for i, j, z in _chunks(x, lin_w, lin_b, rows):
         t = target[i:j]
         valid = t != opts.ignore_index

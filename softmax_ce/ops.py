@@ -27,6 +27,8 @@ float32); the saved ``lse`` ``[outer, inner]`` is float64 for every dtype (see r
 from __future__ import annotations
 
 import contextlib
+import sys
+import warnings
 
 import torch
 
@@ -118,8 +120,6 @@ def _reference_notice(name: str, tensor) -> None:
     key = _DISPATCH_KEYS.get(kind)
     if key is None or _extension_module() is None or _has_compiled_kernel(name, key):
         return
-    import warnings
-
     warnings.warn(
         f"softmax_ce: the compiled extension has no kernels for {kind} tensors (built without "
         f"them; `python -m softmax_ce info` says why): the pure-PyTorch reference serves them (the "
@@ -127,8 +127,6 @@ def _reference_notice(name: str, tensor) -> None:
 
 
 def _extension_module():
-    import sys
-
     return sys.modules.get(f"{__package__}._C")
 
 
